@@ -1,0 +1,23 @@
+"""Errors that tell a user what to fix.
+
+Every error the package raises for bad input is a :class:`ValueError` subclass whose message
+names the file (where there is one), what was found and what is expected, in one line.
+The CLI prints that line and exits with status 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MultiADInputError", "WeightsError", "input_error"]
+
+
+class MultiADInputError(ValueError):
+    """Bad user input: a file, folder, tensor or option that cannot be used as given."""
+
+
+class WeightsError(MultiADInputError):
+    """A weights or checkpoint file that cannot be loaded completely into the network."""
+
+
+def input_error(path, problem: str) -> MultiADInputError:
+    """Build a one-line error ``"<path>: <problem>"`` (``path`` may be ``None``)."""
+    return MultiADInputError(f"{path}: {problem}" if path is not None else problem)
