@@ -1,0 +1,64 @@
+"""Multi-AD losses: per-stage cosine distillation, the discriminator's BCE and the student's
+adversarial term (paper, Sec. 3; the weights are options)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["normalized", "distillation_losses", "DistillationLoss", "DiscriminatorLoss", "AdversarialLoss"]
+
+
+def normalized(features: torch.Tensor) -> torch.Tensor:
+    """Channel-wise L2 normalisation (B, C, h, w), as the losses and the discriminator see features."""
+    return F.normalize(features, dim=1, eps=1e-6)
+
+
+def distillation_losses(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-stage ``L_k = mean over positions of (1 - cos(F_Tk, F_Sk))``: 0 when the student equals the teacher."""
+    if len(teacher) != len(student):
+        raise ValueError(f"teacher gives {len(teacher)} stages, student {len(student)}")
+    return [(1.0 - F.cosine_similarity(t, s, dim=1, eps=1e-6)).mean() for t, s in zip(teacher, student)]
+
+
+class DistillationLoss(nn.Module):
+    """Sum over stages of :func:`distillation_losses`, each stage weighted by ``stage_weights``."""
+
+    def __init__(self, stage_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        self.stage_weights = tuple(float(w) for w in stage_weights)
+
+    def forward(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+        losses = distillation_losses(teacher, student)
+        return sum(w * loss for w, loss in zip(self.stage_weights, losses))
+
+
+class DiscriminatorLoss(nn.Module):
+    """BCE of the discriminator: normalised teacher stage-4 features real (1), student's fake (0).
+
+    The student's features are detached: this loss trains the discriminator only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, discriminator: nn.Module, teacher_top: torch.Tensor, student_top: torch.Tensor) -> torch.Tensor:
+        real = discriminator(normalized(teacher_top.detach()))
+        fake = discriminator(normalized(student_top.detach()))
+        return 0.5 * (self.bce(real, torch.ones_like(real)) + self.bce(fake, torch.zeros_like(fake)))
+
+
+class AdversarialLoss(nn.Module):
+    """The student's adversarial term: make the discriminator call its stage-4 features real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, discriminator: nn.Module, student_top: torch.Tensor) -> torch.Tensor:
+        logits = discriminator(normalized(student_top))
+        return self.bce(logits, torch.ones_like(logits))

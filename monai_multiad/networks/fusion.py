@@ -1,0 +1,86 @@
+"""Multi-scale fusion: per-stage anomaly maps -> one anomaly map and an image score.
+
+Paper: per-stage maps ``M_k = 1 - cos(F_Tk, F_Sk)`` are upsampled to the input size,
+combined element-wise (sum or product), passed through 1x1 conv + BN + ReLU and smoothed by a
+Gaussian. Without anomaly labels the 1x1 conv + BN cannot be trained, so here it is fitted on
+normal images: each stage map is divided by its mean value over normal validation pixels
+(``scale``), which puts the stages in one unit ("times the normal level": 1 is a typical
+normal pixel) before they are combined. A bias would only shift the sum and a ReLU of
+non-negative maps does nothing, so the map stays 0 exactly where the student matches the
+teacher, and ranking is unchanged by the missing terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
+from torch import nn
+
+__all__ = ["AnomalyMapFusion", "stage_anomaly_maps"]
+
+
+def stage_anomaly_maps(
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], size: Sequence[int]
+) -> torch.Tensor:
+    """``1 - cos`` over channels per stage, bilinearly upsampled: (B, K, H, W) for ``size`` (H, W)."""
+    maps = [
+        F.interpolate(
+            1.0 - F.cosine_similarity(t, s, dim=1, eps=1e-6).unsqueeze(1),
+            size=(int(size[0]), int(size[1])),
+            mode="bilinear",
+            align_corners=False,
+        )
+        for t, s in zip(teacher, student)
+    ]
+    return torch.cat(maps, dim=1)
+
+
+class AnomalyMapFusion(nn.Module):
+    """Fuse per-stage maps (B, K, H, W) into an anomaly map (B, 1, H, W) and a score (B,).
+
+    Args:
+        num_stages: K.
+        mode: ``"sum"`` (mean of the scaled stage maps) or ``"product"`` (their geometric mean).
+        sigma: Gaussian smoothing in pixels of the map (4 at 256 px in the paper's setting);
+            0 turns smoothing off.
+        fuse: ``False`` uses only the last stage map (the fusion-off ablation).
+
+    Buffers (saved with the model):
+        scale: (K,) per-stage normal level, 1 until :meth:`set_statistics` is called.
+        threshold: image-score threshold fitted on normal images (NaN until set).
+    """
+
+    def __init__(self, num_stages: int = 4, mode: str = "sum", sigma: float = 4.0, fuse: bool = True) -> None:
+        super().__init__()
+        if mode not in ("sum", "product"):
+            raise ValueError(f"fusion mode must be 'sum' or 'product', got {mode!r}")
+        self.mode = mode
+        self.fuse = fuse
+        self.num_stages = num_stages
+        self.smooth = GaussianFilter(spatial_dims=2, sigma=sigma) if sigma > 0 else nn.Identity()
+        self.register_buffer("scale", torch.ones(num_stages))
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    @property
+    def fitted(self) -> bool:
+        return not bool(torch.isnan(self.threshold))
+
+    @torch.no_grad()
+    def set_statistics(self, stage_means: torch.Tensor, threshold: float) -> None:
+        """Store per-stage normal means (K,) and the image-score threshold fitted on normal images."""
+        self.scale.copy_(stage_means.clamp_min(1e-8).to(self.scale))
+        self.threshold.fill_(float(threshold))
+
+    def forward(self, stage_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = stage_maps / self.scale.view(1, -1, 1, 1)
+        if not self.fuse:
+            fused = z[:, -1:]
+        elif self.mode == "sum":
+            fused = z.mean(dim=1, keepdim=True)
+        else:
+            fused = torch.exp(torch.log(z.clamp_min(1e-12)).mean(dim=1, keepdim=True))
+        fused = self.smooth(fused)
+        return fused, fused.flatten(1).amax(dim=1)

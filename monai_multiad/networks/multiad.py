@@ -1,0 +1,136 @@
+"""Multi-AD: a frozen pretrained teacher, a trained student of the same shape, a discriminator,
+and multi-scale fusion of the per-stage maps (Rahmaniar and Suzuki, Pattern Recognition 2026,
+arXiv 2602.05426)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from monai_multiad.errors import MultiADInputError
+from monai_multiad.networks.backbones import build_feature_extractor
+from monai_multiad.networks.discriminator import FeatureDiscriminator
+from monai_multiad.networks.fusion import AnomalyMapFusion, stage_anomaly_maps
+
+__all__ = ["MultiAD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MultiAD(nn.Module):
+    """Teacher-student anomaly detector with a discriminator and multi-scale fusion.
+
+    The input is an image batch with intensities in [0, 1]; one-channel images are repeated to
+    three channels and everything is normalised with ImageNet mean and std inside the network,
+    so an exported model takes the same input as the trained one.
+
+    In training mode ``forward`` returns ``{"teacher": [F_T1..F_T4], "student": [F_S1..F_S4]}``
+    (what the losses need; see :mod:`monai_multiad.losses`); in eval mode it returns
+    ``(anomaly_map (B, 1, H, W), score (B,))`` at the input resolution, the score being the
+    map's maximum. The teacher is frozen and stays in eval mode whatever ``train()`` is called with.
+
+    Args:
+        backbone: ``"efficientnet_lite0"`` (offline default), ``"se_resnet50"`` (the paper's) or ``"resnet18"``.
+        in_channels: 1 or 3.
+        pretrained: teacher weights: ``True`` for the backbone's ImageNet weights, a file path,
+            or ``False`` (random teacher; tests only).
+        student_se: the SE switch of the ablation (SE blocks added in the student).
+        discriminator: build the discriminator (the adversarial loss weight can still be 0).
+        discriminator_channels: conv widths of the discriminator.
+        fusion_mode: ``"sum"`` or ``"product"``; ``fuse=False`` uses the last stage only.
+        sigma: Gaussian smoothing of the fused map, in pixels.
+        check_inputs: validate inputs (shape, channels, size, NaN); exporters turn it off.
+
+    Raises:
+        MultiADInputError (a ValueError) for a wrong input: not 4D, wrong channel count,
+        smaller than 32 px (the total stride), or containing NaN/inf.
+    """
+
+    min_size = 32
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        in_channels: int = 3,
+        pretrained: bool | str | Path = True,
+        student_se: bool = True,
+        discriminator: bool = True,
+        discriminator_channels: Sequence[int] = (128, 256, 512, 1024),
+        fusion_mode: str = "sum",
+        fuse: bool = True,
+        sigma: float = 4.0,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise MultiADInputError(f"in_channels must be 1 or 3, got {in_channels}")
+        self.backbone = backbone
+        self.in_channels = in_channels
+        self.check_inputs = check_inputs
+        self.teacher = build_feature_extractor(backbone, "teacher", pretrained=pretrained, se=student_se)
+        self.student = build_feature_extractor(backbone, "student", se=student_se)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.discriminator = (
+            FeatureDiscriminator(self.teacher.out_channels[-1], discriminator_channels) if discriminator else None
+        )
+        self.fusion = AnomalyMapFusion(len(self.teacher.out_channels), mode=fusion_mode, sigma=sigma, fuse=fuse)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> MultiAD:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def validate_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`MultiADInputError` saying what was given and what is expected."""
+        if not isinstance(x, torch.Tensor):
+            raise MultiADInputError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise MultiADInputError(
+                f"expected a 4D batch (B, {self.in_channels}, H, W), got a {x.ndim}D tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise MultiADInputError(
+                f"expected {self.in_channels} channel(s) (B, {self.in_channels}, H, W), "
+                f"got {x.shape[1]} in shape {tuple(x.shape)}"
+            )
+        if min(x.shape[-2:]) < self.min_size:
+            raise MultiADInputError(
+                f"image of {x.shape[-2]} x {x.shape[-1]} px is smaller than the network's total stride: "
+                f"expected at least {self.min_size} x {self.min_size} (256 x 256 recommended)"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise MultiADInputError("input contains NaN or infinite values: expected finite intensities in [0, 1]")
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] intensities (B, in_channels, H, W) -> ImageNet-normalised (B, 3, H, W)."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher (no gradient) and student stage features of a [0, 1] batch."""
+        if self.check_inputs:
+            self.validate_input(x)
+        x = self.normalize(x)
+        with torch.no_grad():
+            t = self.teacher(x)
+        return t, self.student(x)
+
+    def stage_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-stage maps ``1 - cos(F_Tk, F_Sk)`` upsampled to the input size: (B, 4, H, W)."""
+        t, s = self.features(x)
+        return stage_anomaly_maps(t, s, x.shape[-2:])
+
+    def forward(self, x: torch.Tensor):
+        t, s = self.features(x)
+        if self.training:
+            return {"teacher": t, "student": s}
+        return self.fusion(stage_anomaly_maps(t, s, x.shape[-2:]))
+

@@ -1,0 +1,240 @@
+"""Tests for monai_multiad.metrics against scikit-learn and exact reference implementations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from scipy import ndimage
+from skimage.measure import label
+from sklearn.metrics import roc_auc_score
+
+from monai_multiad.metrics import (
+    AUPRO,
+    F1Max,
+    ImageAUROC,
+    PixelAUROC,
+    aupro,
+    f1_max,
+    image_auroc,
+    pixel_auroc,
+)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def _blob_masks(rng: np.random.Generator, b: int, h: int, w: int, blobs: int = 3) -> np.ndarray:
+    """(B, H, W) bool masks with a few random discs per image (last image left normal)."""
+    yy, xx = np.mgrid[:h, :w]
+    masks = np.zeros((b, h, w), dtype=bool)
+    for i in range(b - 1):
+        for _ in range(rng.integers(1, blobs + 1)):
+            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, 7)
+            masks[i] |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    return masks
+
+
+def _exact_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Sort-based AUPRO over every distinct threshold (MVTec AD reference algorithm)."""
+    weights = np.zeros(maps.shape)
+    n_regions = 0
+    for i in range(maps.shape[0]):
+        regions = label(masks[i], connectivity=2)
+        for r in range(1, regions.max() + 1):
+            weights[i][regions == r] = 1.0 / (regions == r).sum()
+        n_regions += regions.max()
+    s, m, wt = maps.ravel(), masks.ravel(), weights.ravel()
+    order = np.argsort(-s, kind="stable")
+    s, m, wt = s[order], m[order], wt[order]
+    fpr = np.cumsum(~m) / (~m).sum()
+    pro = np.cumsum(wt) / n_regions
+    keep = np.append(np.diff(s) != 0, True)
+    fpr, pro = np.concatenate([[0.0], fpr[keep]]), np.concatenate([[0.0], pro[keep]])
+    area, i = 0.0, 1
+    while i < len(fpr) and fpr[i] <= fpr_limit:
+        area += (fpr[i] - fpr[i - 1]) * (pro[i] + pro[i - 1]) / 2
+        i += 1
+    if i < len(fpr):
+        y = pro[i - 1] + (pro[i] - pro[i - 1]) * (fpr_limit - fpr[i - 1]) / (fpr[i] - fpr[i - 1])
+        area += (fpr_limit - fpr[i - 1]) * (pro[i - 1] + y) / 2
+    return area / fpr_limit
+
+
+# ----------------------------------------------------------------------------- image level
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_image_auroc_matches_sklearn(rng, ties):
+    for _ in range(5):
+        labels = rng.random(300) < 0.3
+        scores = rng.normal(size=300) + labels * 0.8
+        if ties:
+            scores = np.round(scores * 2) / 2
+        metric = ImageAUROC()
+        for s, lab in zip(np.array_split(scores, 7), np.array_split(labels, 7)):
+            metric.update((torch.from_numpy(s).float(), torch.from_numpy(lab)))
+        assert metric.compute() == pytest.approx(roc_auc_score(labels, scores.astype(np.float32)), abs=1e-12)
+        assert image_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_f1_max_matches_brute_force(rng):
+    for ties in (False, True):
+        labels = rng.random(200) < 0.4
+        scores = rng.normal(size=200) + labels
+        if ties:
+            scores = np.round(scores)
+        best, best_t = -1.0, None
+        for t in np.unique(scores)[::-1]:  # descending: keeps the largest threshold among equal F1
+            pred = scores >= t
+            tp = (pred & labels).sum()
+            prec, rec = tp / pred.sum(), tp / labels.sum()
+            f1 = 0.0 if tp == 0 else 2 * prec * rec / (prec + rec)
+            if f1 > best + 1e-12:
+                best, best_t = f1, t
+        out = f1_max(scores, labels)
+        assert out["f1_max"] == pytest.approx(best, abs=1e-12)
+        assert out["threshold"] == best_t
+
+
+# ----------------------------------------------------------------------------- pixel AUROC
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "huge_range", "negative"])
+def test_pixel_auroc_matches_sklearn(rng, kind):
+    masks = rng.random((8, 1, 64, 64)) < 0.1
+    base = rng.normal(size=masks.shape)
+    maps = {
+        "normal": base + masks,
+        "ties": np.round(rng.random(masks.shape) * 10) / 10 + 0.2 * masks,  # values exact in float32
+        "zeros": np.where(rng.random(masks.shape) < 0.3, 0.0, rng.random(masks.shape) + 0.2 * masks),
+        "huge_range": np.exp(8 * base + 2 * masks),  # ~1e-20 .. 1e20
+        "negative": -np.exp(3 * base) + masks,
+    }[kind].astype(np.float32)
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(maps, masks) == pytest.approx(expected, abs=1e-3)
+    assert pixel_auroc(torch.from_numpy(maps), torch.from_numpy(masks)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_pixel_auroc_growing_range_rebins(rng):
+    metric = PixelAUROC()
+    all_maps, all_masks, shifts = [], [], set()
+    for i in range(30):  # every batch wider and lower than the last: forces re-binning
+        masks = rng.random((2, 32, 32)) < 0.2
+        maps = ((rng.random(masks.shape) + 0.3 * masks) * 10 ** (i / 4) - i).astype(np.float32)
+        metric.update((torch.from_numpy(maps), torch.from_numpy(masks)))
+        all_maps.append(maps), all_masks.append(masks)
+        shifts.add(metric._shift)
+    assert len(shifts) >= 3  # the bin width grew at least twice
+    expected = roc_auc_score(np.concatenate(all_masks).ravel(), np.concatenate(all_maps).ravel())
+    assert metric.compute() == pytest.approx(expected, abs=1e-3)
+
+
+def test_pixel_auroc_fixed_value_range(rng):
+    masks = rng.random((4, 32, 32)) < 0.2
+    maps = (rng.random(masks.shape) + 0.3 * masks).astype(np.float32)
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(maps, masks, value_range=(0.0, 1.5)) == pytest.approx(expected, abs=1e-3)
+
+
+def test_pixel_auroc_state_does_not_grow(rng):
+    metric = PixelAUROC()
+    masks = rng.random((4, 1, 32, 32)) < 0.2
+    metric.update((rng.random(masks.shape), masks))
+    size_after_one = metric._counts.numel()
+    for i in range(49):
+        metric.update((rng.random(masks.shape) * (i + 1), masks))
+    assert metric._counts.numel() == size_after_one == 2 * 65536
+    assert [k for k, v in vars(metric).items() if isinstance(v, (list, np.ndarray))] == []
+
+
+# ----------------------------------------------------------------------------- AUPRO
+
+
+def test_aupro_perfect_constant_and_random(rng):
+    masks = _blob_masks(rng, 6, 48, 48)
+    assert aupro(masks.astype(np.float32), masks) == pytest.approx(1.0, abs=1e-3)
+    assert aupro(np.full(masks.shape, 0.7), masks) == pytest.approx(0.15, abs=1e-3)  # chance: fpr_limit / 2
+    assert aupro(rng.random(masks.shape), masks) < 0.25
+    assert aupro((rng.random(masks.shape) + masks)[:, None], masks[:, None], fpr_limit=0.05) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_exact_reference(rng, fpr_limit):
+    for _ in range(3):
+        masks = _blob_masks(rng, 5, 40, 40)
+        smooth = ndimage.gaussian_filter(rng.random(masks.shape), sigma=(0, 2, 2))
+        maps = (smooth + 0.15 * ndimage.gaussian_filter(masks.astype(float), sigma=(0, 1, 1))).astype(np.float32)
+        metric = AUPRO(fpr_limit=fpr_limit)
+        for part in np.array_split(np.arange(5), 3):  # several batches
+            metric.update((torch.from_numpy(maps[part][:, None]), torch.from_numpy(masks[part][:, None])))
+        exact = _exact_aupro(maps, masks, fpr_limit)
+        assert 0.05 < exact < 0.99
+        assert metric.compute() == pytest.approx(exact, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- Ignite integration
+
+
+def test_metrics_attached_to_engine(rng):
+    masks = torch.from_numpy(_blob_masks(rng, 12, 32, 32))[:, None]
+    maps = torch.rand(masks.shape) + 0.5 * masks
+    labels = masks.flatten(1).any(1)
+    scores = maps.flatten(1).amax(1)
+    batches = [(maps[i : i + 4], masks[i : i + 4], scores[i : i + 4], labels[i : i + 4]) for i in range(0, 12, 4)]
+
+    engine = Engine(lambda eng, batch: batch)
+    PixelAUROC(output_transform=lambda o: (o[0], o[1])).attach(engine, "pixel_auroc")
+    AUPRO(output_transform=lambda o: (o[0], o[1])).attach(engine, "aupro")
+    ImageAUROC(output_transform=lambda o: (o[2], o[3])).attach(engine, "image_auroc")
+    F1Max(output_transform=lambda o: (o[2], o[3])).attach(engine, "f1")
+    state = engine.run(batches, max_epochs=2)  # metrics reset each epoch
+
+    m = state.metrics
+    assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-3)
+    assert m["aupro"] == pytest.approx(_exact_aupro(maps[:, 0].numpy(), masks[:, 0].numpy()), abs=1e-3)
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert m["f1"] == f1_max(scores, labels) and m["f1_max"] == m["f1"]["f1_max"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "metric, output",
+    [
+        (ImageAUROC(), (torch.rand(4), torch.zeros(4))),
+        (PixelAUROC(), (torch.rand(2, 1, 8, 8), torch.ones(2, 1, 8, 8))),
+        (AUPRO(), (torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))),
+        (F1Max(), (torch.rand(4), torch.zeros(4))),
+    ],
+)
+def test_single_class_raises(metric, output):
+    metric.update(output)
+    with pytest.raises(ValueError, match="needs"):
+        metric.compute()
+
+
+def test_empty_metric_raises():
+    with pytest.raises(ValueError, match="0 normal and 0 anomalous"):
+        PixelAUROC().compute()
+
+
+@pytest.mark.parametrize("metric", [PixelAUROC(), AUPRO(), ImageAUROC(), F1Max()])
+def test_shape_mismatch_names_both_shapes(metric):
+    with pytest.raises(ValueError, match=r"\(2, 1, 8, 8\).*\(2, 8, 8\)"):
+        metric.update((torch.rand(2, 1, 8, 8), torch.zeros(2, 8, 8)))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="masks must be binary"):
+        PixelAUROC().update((torch.rand(2, 8, 8), torch.full((2, 8, 8), 0.5)))
+    with pytest.raises(ValueError, match="NaN"):
+        PixelAUROC().update((torch.full((2, 8, 8), float("nan")), torch.zeros(2, 8, 8)))
+    with pytest.raises(ValueError, match="fpr_limit"):
+        AUPRO(fpr_limit=0.0)
+    with pytest.raises(ValueError, match="value_range"):
+        PixelAUROC(value_range=(1.0, 0.0))

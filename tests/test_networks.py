@@ -1,0 +1,209 @@
+"""Multi-AD networks: real weights, shapes, frozen teacher, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+
+from monai_multiad.errors import MultiADInputError, WeightsError
+from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss
+from monai_multiad.networks import (
+    EfficientNetLite0Features,
+    FeatureDiscriminator,
+    MultiAD,
+    ResNet18Features,
+    SEResNet50Features,
+)
+from monai_multiad.networks.multiad import IMAGENET_MEAN, IMAGENET_STD
+from monai_multiad.networks.weights import lite0_weights_path
+
+
+def _chelsea(size=224):
+    img = torch.tensor(skimage.data.chelsea()).permute(2, 0, 1).float()[None] / 255.0
+    img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True)
+    return (img - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def test_lite0_teacher_calls_chelsea_a_cat():
+    net = EfficientNetLite0Features(pretrained=True, keep_head=True).eval()
+    with torch.no_grad():
+        probs = net.classify(_chelsea()).softmax(1)[0]
+    assert 281 <= int(probs.argmax()) <= 285
+    assert float(probs[281:286].sum()) > 0.5
+
+
+def test_random_lite0_does_not_call_chelsea_a_cat_confidently():
+    torch.manual_seed(0)
+    net = EfficientNetLite0Features(pretrained=False, keep_head=True).eval()
+    with torch.no_grad():
+        probs = net.classify(_chelsea()).softmax(1)[0]
+    assert float(probs[281:286].sum()) < 0.1
+
+
+def test_corrupted_weights_file_names_the_file(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(lite0_weights_path().read_bytes()[:4096])
+    with pytest.raises(WeightsError, match="broken.pth"):
+        EfficientNetLite0Features(pretrained=bad)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsError, match="junk.pth"):
+        MultiAD("efficientnet_lite0", pretrained=junk)
+
+
+def test_partial_weights_list_the_missing_keys(tmp_path):
+    net = ResNet18Features()
+    state = net.net.state_dict()
+    del state["layer4.1.conv2.weight"]
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError) as err:
+        ResNet18Features(pretrained=path)
+    msg = str(err.value)
+    assert "partial.pth" in msg and "layer4.1.conv2.weight" in msg and "conv1.weight" in msg
+
+
+def test_local_weights_file_loads_exactly(tmp_path):
+    torch.manual_seed(1)
+    src = ResNet18Features()
+    path = tmp_path / "r18.pth"
+    torch.save(src.net.state_dict(), path)
+    loaded = ResNet18Features(pretrained=path)
+    for k, v in src.net.state_dict().items():
+        assert torch.equal(v, loaded.net.state_dict()[k]), k
+
+
+def test_se_resnet50_cadene_keys_map_onto_monai(tmp_path):
+    """A file with Cadene's key names (as published) loads completely; the stem SE starts open."""
+    src = SEResNet50Features(pretrained=False, stem_se=False).net
+    rules = [
+        (r"(layer\d\.\d+\.)conv(\d)\.conv\.", r"\1conv\2."),
+        (r"(layer\d\.\d+\.)conv(\d)\.adn\.N\.", r"\1bn\2."),
+        (r"se_layer\.fc\.0\.", "se_module.fc1."),
+        (r"se_layer\.fc\.2\.", "se_module.fc2."),
+        (r"project\.conv\.", "downsample.0."),
+        (r"project\.adn\.N\.", "downsample.1."),
+    ]
+    cadene = {}
+    for k, v in src.state_dict().items():
+        for pattern, repl in rules:
+            k = re.sub(pattern, repl, k)
+        cadene[k] = v[:, :, None, None] if "se_module" in k and k.endswith("weight") else v
+    assert "layer1.0.bn1.weight" in cadene and "layer1.0.downsample.1.running_var" in cadene
+    path = tmp_path / "se_resnet50-cadene.pth"
+    torch.save(cadene, path)
+    net = SEResNet50Features(pretrained=path)
+    assert torch.equal(net.net.layer3[2].conv2.conv.weight, src.layer3[2].conv2.conv.weight)
+    gate = net.stem_se.fc(torch.randn(2, 64))
+    assert float(gate.min()) > 0.999
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18", "se_resnet50"])
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("size", [(256, 256), (240, 320)])
+def test_shapes(backbone, in_channels, size):
+    if backbone == "se_resnet50" and (in_channels, size) != (3, (240, 320)):
+        pytest.skip("one se_resnet50 case is enough on CPU")
+    model = MultiAD(backbone, in_channels=in_channels, pretrained=False, discriminator_channels=(16, 32))
+    x = torch.rand(2, in_channels, *size)
+    model.train()
+    out = model(x)
+    assert len(out["teacher"]) == len(out["student"]) == 4
+    for k, (t, s) in enumerate(zip(out["teacher"], out["student"])):
+        assert t.shape == s.shape
+        assert abs(t.shape[-1] - size[1] / 2 ** (k + 2)) <= 1
+    assert model.discriminator(out["student"][-1]).shape == (2,)
+    model.eval()
+    with torch.no_grad():
+        amap, score = model(x)
+    assert amap.shape == (2, 1, *size) and score.shape == (2,)
+    assert torch.allclose(score, amap.flatten(1).amax(1))
+
+
+def test_gradients_reach_student_and_discriminator_never_teacher():
+    torch.manual_seed(0)
+    model = MultiAD("resnet18", pretrained=False, discriminator_channels=(16, 32)).train()
+    out = model(torch.rand(2, 3, 64, 64))
+    loss = DistillationLoss()(out["teacher"], out["student"])
+    loss = loss + 0.1 * AdversarialLoss()(model.discriminator, out["student"][-1])
+    loss = loss + DiscriminatorLoss()(model.discriminator, out["teacher"][-1], out["student"][-1])
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student.parameters())
+    assert all(p.grad is not None for p in model.discriminator.parameters())
+    assert not model.teacher.training and model.student.training
+
+
+def test_discriminator_loss_does_not_train_student():
+    model = MultiAD("resnet18", pretrained=False, discriminator_channels=(8,)).train()
+    out = model(torch.rand(2, 3, 64, 64))
+    DiscriminatorLoss()(model.discriminator, out["teacher"][-1], out["student"][-1]).backward()
+    assert all(p.grad is None for p in model.student.parameters())
+
+
+def test_discriminator_is_input_size_independent():
+    d = FeatureDiscriminator(320, channels=(8, 16))
+    assert d(torch.randn(3, 320, 8, 8)).shape == d(torch.randn(3, 320, 5, 11)).shape == (3,)
+
+
+def test_loss_and_map_are_zero_when_student_equals_teacher():
+    model = MultiAD("efficientnet_lite0", pretrained=True, student_se=False)
+    model.student.load_state_dict(model.teacher.state_dict())
+    x = torch.rand(2, 3, 96, 128)
+    model.eval()  # a student in eval mode uses the teacher's BN statistics: the same function
+    teacher, student = model.features(x)
+    assert float(DistillationLoss()(teacher, student)) < 1e-5
+    model.eval()
+    with torch.no_grad():
+        amap, score = model(x)
+    assert float(amap.abs().max()) < 1e-5 and float(score.abs().max()) < 1e-5
+    model.fusion.set_statistics(torch.tensor([0.1, 0.2, 0.3, 0.4]), threshold=1.0)
+    with torch.no_grad():
+        amap, _ = model(x)
+    assert float(amap.abs().max()) < 1e-4
+
+
+def test_teacher_stays_frozen_in_train_mode():
+    model = MultiAD("resnet18", pretrained=False, discriminator=False)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    model.train()
+    model(torch.rand(2, 3, 64, 64))
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(before[k], v), k  # BN running stats did not move
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.rand(3, 64, 64), "4D"),
+        (torch.rand(1, 2, 64, 64), "channel"),
+        (torch.rand(1, 3, 16, 64), "smaller than"),
+        (torch.full((1, 3, 64, 64), float("nan")), "NaN"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(x, message):
+    model = MultiAD("resnet18", pretrained=False, discriminator=False).eval()
+    with pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_unknown_backbone_and_channels():
+    with pytest.raises(MultiADInputError, match="unknown backbone"):
+        MultiAD("vgg16", pretrained=False)
+    with pytest.raises(MultiADInputError, match="in_channels"):
+        MultiAD("resnet18", in_channels=2, pretrained=False)
+
+
+def test_fusion_modes_and_ablation_switches():
+    x = torch.rand(1, 3, 64, 64)
+    for kwargs in ({"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0}):
+        model = MultiAD("resnet18", pretrained=False, discriminator=False, **kwargs).eval()
+        with torch.no_grad():
+            amap, score = model(x)
+        assert amap.shape == (1, 1, 64, 64) and float(amap.min()) >= 0
