@@ -16,8 +16,10 @@ width and maps of any scale or dynamic range are resolved alike. Bins are ``2**s
 grid; when a value falls outside the current ``n_bins`` window, the window moves and ``s`` grows as
 needed, merging whole bins exactly. Values sharing a bin count as tied (half, i.e. trapezoid), so the
 error is at most ``0.5 * sum_b pos_b * neg_b / (P * N)``. Measured against scikit-learn's
-``roc_auc_score`` with the default 65536 bins (normal, uniform with exact zeros, heavy ties, 1e-9..1e9
-log-normal, growing ranges over 50 batches): max absolute error 4e-6.
+``roc_auc_score`` on 2e6 float32 pixels in 50 batches with the default 65536 bins (normal, uniform with
+30% exact zeros, heavy ties, log-normal over ~40 decades, Cauchy, narrow 1 +- 1e-5, growing ranges):
+max absolute error 1e-6 (AUPRO vs the exact sort-based curve: 2.4e-5). Float64 values that differ
+only below float32 precision become ties (up to 3e-5 more in our float64 tests).
 """
 
 from __future__ import annotations
@@ -49,13 +51,11 @@ def _check_pair(output: Any, what: tuple[str, str], binary_name: str) -> tuple[n
         raise ValueError(f"update() expects a tuple ({what[0]}, {what[1]}), got {type(output).__name__}")
     values, targets = _to_numpy(output[0]), _to_numpy(output[1])
     if values.shape != targets.shape:
-        raise ValueError(
-            f"{what[0]} and {what[1]} must have the same shape, got {what[0]} {tuple(values.shape)} "
-            f"and {what[1]} {tuple(targets.shape)}"
-        )
+        raise ValueError(f"{what[0]} and {what[1]} must have the same shape, got {what[0]} {tuple(values.shape)} "
+                         f"and {what[1]} {tuple(targets.shape)}")
     if not np.isfinite(values).all():
         raise ValueError(f"{what[0]} contain NaN or infinite values")
-    if not np.isin(targets, (0.0, 1.0)).all():
+    if not ((targets == 0) | (targets == 1)).all():
         raise ValueError(f"{what[1]} must be {binary_name} with values in {{0, 1}}, got {np.unique(targets)[:5]}...")
     return values, targets.astype(bool)
 
@@ -82,6 +82,7 @@ class _ScoreLabelMetric(Metric):
     """Base for image-level metrics: stores every ``(score, label)`` and gathers them across ranks."""
 
     def __init__(self, output_transform: Callable = lambda x: x, device: str | torch.device = "cpu") -> None:
+        self._local = False  # True: compute on this process's data only (used by the plain functions)
         super().__init__(output_transform=output_transform, device=device)
 
     @reinit__is_reduced
@@ -100,11 +101,12 @@ class _ScoreLabelMetric(Metric):
         """All scores and labels seen, on every rank when run under ``ignite.distributed``."""
         scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=bool)
-        if idist.get_world_size() > 1:
-            sizes = idist.all_gather(torch.tensor([scores.size], dtype=torch.int64)).tolist()
-            both = torch.from_numpy(np.stack([scores, labels.astype(np.float64)], axis=1).reshape(-1))
-            parts = idist.all_gather_tensors_with_shapes(both, [[2 * n] for n in sizes])
-            joined = torch.cat([p.cpu() for p in parts]).reshape(-1, 2).numpy()
+        if idist.get_world_size() > 1 and not self._local:
+            sizes = idist.all_gather(torch.tensor([scores.size], dtype=torch.int64)).cpu().tolist()
+            padded = np.zeros((max(sizes), 2))  # all_gather needs equal shapes: pad, gather, trim
+            padded[: scores.size] = np.stack([scores, labels], axis=1)
+            parts = idist.all_gather(torch.from_numpy(padded)).cpu().reshape(len(sizes), -1, 2).numpy()
+            joined = np.concatenate([part[:n] for part, n in zip(parts, sizes)])
             scores, labels = joined[:, 0], joined[:, 1] > 0.5
         return scores, labels
 
@@ -120,9 +122,7 @@ class ImageAUROC(_ScoreLabelMetric):
         scores, labels = self._gathered()
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
         if n_pos == 0 or n_neg == 0:
-            raise ValueError(
-                f"ImageAUROC needs both normal and anomalous images, got {n_neg} normal and {n_pos} anomalous"
-            )
+            raise ValueError(f"ImageAUROC needs normal and anomalous images, got {n_neg} normal, {n_pos} anomalous")
         _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
         starts = np.cumsum(counts) - counts  # 0-based rank of the first element of each tie group
         ranks = (starts + (counts + 1) / 2.0)[inverse]  # 1-based average ranks
@@ -159,16 +159,12 @@ class _BinnedMetric(Metric):
     With ``value_range=(lo, hi)`` the grid is fixed and out-of-range values go into the end bins.
     """
 
-    def __init__(
-        self,
-        n_bins: int = 65536,
-        value_range: tuple[float, float] | None = None,
-        output_transform: Callable = lambda x: x,
-        device: str | torch.device = "cpu",
-    ) -> None:
+    def __init__(self, n_bins: int = 65536, value_range: tuple[float, float] | None = None,
+                 output_transform: Callable = lambda x: x, device: str | torch.device = "cpu") -> None:
         if n_bins < 2:
             raise ValueError(f"n_bins must be at least 2, got {n_bins}")
         self._n_bins = int(n_bins)
+        self._local = False  # True: compute on this process's data only (used by the plain functions)
         self._fixed: tuple[int, int] | None = None
         if value_range is not None:
             lo, hi = (int(k) for k in _ordered_key(np.asarray(value_range, dtype=np.float64)))
@@ -244,6 +240,8 @@ class _BinnedMetric(Metric):
 
     def _histograms(self) -> np.ndarray:
         """Counts ``(2, n_bins)`` summed over all ranks."""
+        if self._local:
+            return self._counts.numpy().copy()
         self._align_ranks()
         return self._reduced_counts()
 
@@ -252,7 +250,7 @@ class PixelAUROC(_BinnedMetric):
     """Pixel-level ROC AUC from two histograms (normal / anomalous pixels); memory ``2 * n_bins`` floats.
 
     Args:
-        n_bins: number of bins (default 65536; error vs exact AUROC measured below 4e-6, see module doc).
+        n_bins: number of bins (default 65536: measured error vs exact AUROC <= 1e-6, see module doc).
         value_range: optional fixed ``(low, high)``; default adaptive (grows by exact bin merging).
         output_transform, device: as for any Ignite metric.
 
@@ -269,9 +267,8 @@ class PixelAUROC(_BinnedMetric):
         neg, pos = self._histograms()
         n_neg, n_pos = neg.sum(), pos.sum()
         if n_neg == 0 or n_pos == 0:
-            raise ValueError(
-                f"PixelAUROC needs both normal and anomalous pixels, got {int(n_neg)} normal and {int(n_pos)} anomalous"
-            )
+            msg = f"got {n_neg:.0f} normal and {n_pos:.0f} anomalous"
+            raise ValueError(f"PixelAUROC needs both normal and anomalous pixels, {msg}")
         neg_below = np.cumsum(neg) - neg
         return float(np.sum(pos * (neg_below + 0.5 * neg)) / (n_pos * n_neg))
 
@@ -330,31 +327,30 @@ class AUPRO(_BinnedMetric):
         return _trapezoid_upto(fpr, pro, self._fpr_limit) / self._fpr_limit
 
 
+def _run_local(metric: Any, output: tuple[ArrayLike, ArrayLike]) -> Any:
+    """One ``update`` and ``compute`` on the given data only (no cross-rank sync, even under ``idist``)."""
+    metric._local = True
+    metric.update(output)
+    return metric.compute()
+
+
 def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Exact image-level ROC AUC. Args: scores ``(N,)``, labels ``(N,)`` in {0, 1}."""
-    metric = ImageAUROC()
-    metric.update((scores, labels))
-    return metric.compute()
+    return _run_local(ImageAUROC(), (scores, labels))
 
 
 def pixel_auroc(maps: ArrayLike, masks: ArrayLike, n_bins: int = 65536,
                 value_range: tuple[float, float] | None = None) -> float:
     """Binned pixel-level ROC AUC. Args: maps and masks of the same shape, masks in {0, 1}."""
-    metric = PixelAUROC(n_bins=n_bins, value_range=value_range)
-    metric.update((maps, masks))
-    return metric.compute()
+    return _run_local(PixelAUROC(n_bins=n_bins, value_range=value_range), (maps, masks))
 
 
 def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3, n_bins: int = 65536,
           value_range: tuple[float, float] | None = None) -> float:
     """Normalised AUPRO up to ``fpr_limit``. Args: maps, masks ``(B, 1, H, W)`` or ``(B, H, W)``."""
-    metric = AUPRO(fpr_limit=fpr_limit, n_bins=n_bins, value_range=value_range)
-    metric.update((maps, masks))
-    return metric.compute()
+    return _run_local(AUPRO(fpr_limit=fpr_limit, n_bins=n_bins, value_range=value_range), (maps, masks))
 
 
 def f1_max(scores: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """Max F1 and its threshold. Args: scores ``(N,)``, labels ``(N,)`` in {0, 1}."""
-    metric = F1Max()
-    metric.update((scores, labels))
-    return metric.compute()
+    return _run_local(F1Max(), (scores, labels))

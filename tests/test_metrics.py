@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -159,7 +161,8 @@ def test_aupro_perfect_constant_and_random(rng):
     assert aupro(masks.astype(np.float32), masks) == pytest.approx(1.0, abs=1e-3)
     assert aupro(np.full(masks.shape, 0.7), masks) == pytest.approx(0.15, abs=1e-3)  # chance: fpr_limit / 2
     assert aupro(rng.random(masks.shape), masks) < 0.25
-    assert aupro((rng.random(masks.shape) + masks)[:, None], masks[:, None], fpr_limit=0.05) == pytest.approx(1.0, abs=1e-3)
+    separated = (rng.random(masks.shape) + masks)[:, None]  # every anomalous pixel above every normal one
+    assert aupro(separated, masks[:, None], fpr_limit=0.05) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
@@ -219,7 +222,7 @@ def test_single_class_raises(metric, output):
 
 
 def test_empty_metric_raises():
-    with pytest.raises(ValueError, match="0 normal and 0 anomalous"):
+    with pytest.raises(ValueError, match="got 0 normal and 0 anomalous"):
         PixelAUROC().compute()
 
 
@@ -238,3 +241,44 @@ def test_bad_inputs_raise():
         AUPRO(fpr_limit=0.0)
     with pytest.raises(ValueError, match="value_range"):
         PixelAUROC(value_range=(1.0, 0.0))
+
+
+# ----------------------------------------------------------------------------- ignite.distributed
+
+
+def _distributed_worker(local_rank: int, data: tuple, results: dict) -> None:
+    import ignite.distributed as idist
+
+    rank = idist.get_rank()
+    maps, masks, scores, labels = data
+    metrics = {"pixel": PixelAUROC(), "aupro": AUPRO(), "image": ImageAUROC(), "f1": F1Max()}
+    metrics["pixel"].update((maps[rank], masks[rank]))
+    metrics["aupro"].update((maps[rank], masks[rank]))
+    n = 10 if rank == 0 else 6  # ranks hold different numbers of images
+    metrics["image"].update((scores[rank][:n], labels[rank][:n]))
+    metrics["f1"].update((scores[rank][:n], labels[rank][:n]))
+    out = {name: m.compute() for name, m in metrics.items()}
+    if rank == 0:
+        with open(results["path"], "w") as f:
+            json.dump(out, f)
+
+
+@pytest.mark.slow
+def test_distributed_sync_matches_single_process(rng, tmp_path):
+    import ignite.distributed as idist
+
+    masks = rng.random((2, 4, 32, 32)) < 0.1
+    maps = (rng.random(masks.shape) + masks).astype(np.float32)
+    maps[1] *= 1000  # rank 1's values need a different adaptive grid than rank 0's
+    scores, labels = rng.normal(size=(2, 10)), rng.random((2, 10)) < 0.5
+    path = str(tmp_path / "out.json")
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(_distributed_worker, (maps, masks, scores, labels), {"path": path})
+    with open(path) as f:
+        out = json.load(f)
+    all_scores, all_labels = np.concatenate([scores[0], scores[1][:6]]), np.concatenate([labels[0], labels[1][:6]])
+    flat_maps, flat_masks = maps.reshape(-1, 32, 32), masks.reshape(-1, 32, 32)
+    assert out["pixel"] == pytest.approx(pixel_auroc(flat_maps, flat_masks), abs=1e-12)
+    assert out["aupro"] == pytest.approx(aupro(flat_maps, flat_masks), abs=1e-12)
+    assert out["image"] == pytest.approx(image_auroc(all_scores, all_labels), abs=1e-12)
+    assert out["f1"] == f1_max(all_scores, all_labels)

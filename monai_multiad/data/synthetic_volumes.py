@@ -75,7 +75,8 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None =
     Args:
         path: output file (``.nii`` or ``.nii.gz``); parent folders are created.
         array: voxel data, stored with its own dtype.
-        affine: 4x4 voxel-to-world matrix; identity when ``None``.
+        affine: 4x4 voxel-to-world matrix; identity when ``None``. A singular one (which has no
+            qform) is stored in the sform alone, so tests can make such bad files.
 
     Returns:
         The path written.
@@ -85,7 +86,11 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
-    img = nib.Nifti1Image(np.asarray(array), aff)
+    try:
+        img = nib.Nifti1Image(np.asarray(array), aff)
+    except nib.spatialimages.HeaderDataError:  # singular: no qform; keep it in the sform (bad test files)
+        img = nib.Nifti1Image(np.asarray(array), None)
+        img.header.set_qform(None, code=0)
     img.header.set_sform(aff, code=2)
     nib.save(img, str(path))
     return path

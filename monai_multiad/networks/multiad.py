@@ -114,14 +114,20 @@ class MultiAD(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return (x - self.mean) / self.std
 
-    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Teacher (no gradient) and student stage features of a [0, 1] batch."""
+    def features(
+        self, x: torch.Tensor, student: nn.Module | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher (no gradient) and student stage features of a [0, 1] batch.
+
+        ``student`` runs in place of ``self.student`` when given: a wrapper of it such as
+        ``DistributedDataParallel``, which the multi-GPU trainer passes.
+        """
         if self.check_inputs:
             self.validate_input(x)
         x = self.normalize(x)
         with torch.no_grad():
             t = self.teacher(x)
-        return t, self.student(x)
+        return t, (self.student if student is None else student)(x)
 
     def stage_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Per-stage maps ``1 - cos(F_Tk, F_Sk)`` upsampled to the input size: (B, 4, H, W)."""

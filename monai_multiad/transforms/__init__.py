@@ -1,0 +1,41 @@
+"""MONAI transforms of the project: medical volumes slice by slice (load, scale, slice, reassemble)."""
+
+from __future__ import annotations
+
+from monai_multiad.transforms.volume import (
+    CT_WINDOWS,
+    LoadVolume,
+    ScaleIntensityByModality,
+    SlicesToVolume,
+    VolumeToSlices,
+    load_volume,
+    scale_intensity,
+    slice_affine,
+    slice_foreground,
+    slice_info,
+    slices_to_volume,
+    volume_to_slices,
+)
+from monai_multiad.transforms.volume_dict import (
+    LoadVolumeD,
+    LoadVolumed,
+    LoadVolumeDict,
+    ScaleIntensityByModalityD,
+    ScaleIntensityByModalityd,
+    ScaleIntensityByModalityDict,
+    SlicesToVolumeD,
+    SlicesToVolumed,
+    SlicesToVolumeDict,
+    VolumeToSlicesD,
+    VolumeToSlicesd,
+    VolumeToSlicesDict,
+)
+
+__all__ = [
+    "CT_WINDOWS", "LoadVolume", "ScaleIntensityByModality", "SlicesToVolume", "VolumeToSlices",
+    "load_volume", "scale_intensity", "slice_affine", "slice_foreground", "slice_info", "slices_to_volume",
+    "volume_to_slices",
+    "LoadVolumeD", "LoadVolumed", "LoadVolumeDict", "ScaleIntensityByModalityD", "ScaleIntensityByModalityd",
+    "ScaleIntensityByModalityDict", "SlicesToVolumeD", "SlicesToVolumed", "SlicesToVolumeDict",
+    "VolumeToSlicesD", "VolumeToSlicesd", "VolumeToSlicesDict",
+]

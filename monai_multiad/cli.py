@@ -1,0 +1,189 @@
+"""``multiad``: train, evaluate, predict, screen and a demo, on the command line.
+
+Options of ``train`` are generated from :class:`~monai_multiad.config.RunConfig`, the same
+description the bundles use, so both build the same objects from the same defaults.
+Bad input ends with one line ``multiad: error: <file>: <problem>`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from monai_multiad.config import RunConfig
+from monai_multiad.errors import MultiADInputError
+
+__all__ = ["main", "build_parser"]
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    for f in fields(RunConfig):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else None
+        kw: dict = {"help": f"{f.metadata['help']} (default: {default})", "default": None}
+        if isinstance(default, bool):
+            kw["type"], kw["metavar"] = _bool, "{true,false}"
+        elif isinstance(default, (tuple, list)):
+            kw["type"], kw["nargs"] = int, "+"
+        else:
+            kw["type"] = type(default)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+
+
+def _config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    data = (base or RunConfig()).to_dict()
+    data.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None})
+    return RunConfig.from_dict(data, "command line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multiad",
+        description="Multi-AD unsupervised anomaly detection (MONAI): train on normal images, "
+        "then score images, slices and volumes.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch and more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train on the normal images of a dataset and write a run folder",
+                       description="Train Multi-AD on the normal training images of DATASET_DIR "
+                       "(MVTec AD or BMAD layout, or a volume folder with splits.json), fit the fusion "
+                       "statistics on held-out normals, and write the run folder.")
+    p.add_argument("dataset_dir", help="dataset root")
+    p.add_argument("--run-dir", required=True, help="output run folder (config.json, model.pt, checkpoints/, log.csv)")
+    p.add_argument("--config", help="a config.json to start from (command-line options override it)")
+    p.add_argument("--resume", help="continue from a run folder's last checkpoint (or a checkpoint file)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes for data-parallel training (one per GPU; gloo on CPU) via ignite.distributed")
+    _add_config_options(p, skip=("dataset_dir",))
+
+    p = sub.add_parser("evaluate", help="compute image/pixel AUROC, AUPRO and F1-max on a test split",
+                       description="Evaluate a trained run on the labelled test split; writes metrics.json, "
+                       "scores.csv and contact_sheet.png, and prints a table.")
+    p.add_argument("--run", required=True, help="run folder written by 'multiad train'")
+    p.add_argument("--dataset-dir", help="dataset root (default: the one trained on)")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
+
+    p = sub.add_parser("predict", help="score 2D images: per-image score, overlay PNGs, predictions.json",
+                       description="Score images (files or folders) with a trained run.")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--run", required=True, help="run folder written by 'multiad train'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+
+    p = sub.add_parser("screen", help="screen NIfTI/DICOM volumes slice by slice",
+                       description="Screen scans (NIfTI files or DICOM series folders) with a run trained "
+                       "on slices: a 3D anomaly map per scan as NIfTI in the scan's geometry, per-slice scores, "
+                       "a montage PNG, and report.csv/report.json.")
+    p.add_argument("scans", nargs="+", help="NIfTI files or DICOM series folders")
+    p.add_argument("--run", required=True, help="run folder written by 'multiad train'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+    p.add_argument("--modality", choices=("mri", "ct", "minmax"), help="intensity normalisation (default: the run's)")
+    p.add_argument("--window", help="CT window: a preset name or 'level,width' in HU (default: the run's)")
+    p.add_argument("--series", help="SeriesInstanceUID to read when a folder holds several series")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per batch (bounds memory; default: 32)")
+    p.add_argument("--top-k", type=int, default=3, help="scan score = mean of the top-k slice scores (default: 3)")
+
+    p = sub.add_parser("demo", help="a short demo on generated data: train, evaluate, predict, screen",
+                       description="Generate a small textured dataset with planted defects (and a phantom "
+                       "volume), train briefly, evaluate, predict and screen. Needs no download.")
+    p.add_argument("--out", default="multiad_demo", help="demo folder (default: ./multiad_demo)")
+    p.add_argument("--steps", type=int, default=60, help="training iterations (default: 60)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from monai_multiad.workflow import train
+
+    base = RunConfig.load(args.config) if args.config else None
+    cfg = _config_from_args(args, base)
+    if args.nproc > 1:
+        from monai_multiad.distributed import train_distributed
+
+        summary = train_distributed(cfg, args.run_dir, args.nproc, resume=args.resume)
+    else:
+        summary = train(cfg, args.run_dir, resume=args.resume)
+    print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
+          f"{summary['train_seconds']} s on {summary['device']}; run folder: {args.run_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from monai_multiad.inference import evaluate, format_table
+
+    metrics = evaluate(args.run, args.dataset_dir, args.out, args.device, args.batch_size)
+    print(format_table(metrics))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from monai_multiad.inference import predict
+
+    results = predict(args.run, args.inputs, args.out, args.device)
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: ERROR {r['error']}")
+        else:
+            print(f"{r['path']}: score {r['score']:.4f}{'  ANOMALOUS' if r['anomalous'] else ''}")
+    print(f"wrote {Path(args.out) / 'predictions.json'}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _screen(args: argparse.Namespace) -> int:
+    from monai_multiad.screening import screen_paths
+
+    report = screen_paths(args.run, args.scans, args.out, device=args.device, modality=args.modality,
+                          window=args.window, series_uid=args.series, batch_size=args.batch_size, top_k=args.top_k)
+    failed = [r for r in report if r.get("status") != "ok"]
+    for r in report:
+        line = f"score {r['scan_score']:.4f}" if r.get("status") == "ok" else f"FAILED {r.get('error')}"
+        print(f"{r['scan']}: {line}")
+    print(f"wrote {Path(args.out) / 'report.csv'}")
+    return 1 if failed else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from monai_multiad.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, device=args.device)
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "screen": _screen, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command in ("train", "demo"):
+        logging.getLogger("monai_multiad").setLevel(logging.INFO)
+    try:
+        return COMMANDS[args.command](args)
+    except MultiADInputError as e:
+        print(f"multiad: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multiad: interrupted; the last completed epoch's checkpoint is usable with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

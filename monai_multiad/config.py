@@ -1,0 +1,124 @@
+"""The one description of an experiment: every option with its default and help text.
+
+The CLI builds its options from :class:`RunConfig`'s fields and the bundles' configs name the
+same keys, so both build the same objects from the same defaults (:mod:`monai_multiad.workflow`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from monai_multiad.errors import MultiADInputError
+
+__all__ = ["RunConfig", "MODEL_KEYS"]
+
+
+def _opt(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    """An experiment: data, model and training options (all JSON-serialisable)."""
+
+    # data
+    dataset_dir: str = _opt("", "dataset root: MVTec AD layout, BMAD slice layout, or a volume folder")
+    layout: str = _opt("auto", "dataset layout", choices=("auto", "mvtec", "bmad", "volumes"))
+    image_size: int = _opt(256, "side of the square images the network sees (px)")
+    in_channels: int = _opt(3, "1 for grayscale input, 3 for RGB", choices=(1, 3))
+    val_fraction: float = _opt(0.1, "fraction of normal training images held out to validate and fit the fusion")
+    modality: str = _opt("mri", "volumes: intensity normalisation", choices=("mri", "ct", "minmax"))
+    ct_window: str = _opt("", "volumes, CT: a window preset name or 'level,width' in HU")
+    slice_axis: str = _opt("axial", "volumes: slicing axis (from the affine)", choices=("axial", "coronal", "sagittal"))
+    # model
+    backbone: str = _opt("efficientnet_lite0", "teacher/student backbone",
+                         choices=("efficientnet_lite0", "se_resnet50", "resnet18"))
+    pretrained: str = _opt("imagenet", "teacher weights: 'imagenet', 'none' or a .pth file path")
+    student_se: bool = _opt(True, "add SE blocks to the student (ablation switch)")
+    discriminator: bool = _opt(True, "train with the discriminator (ablation switch)")
+    adversarial_weight: float = _opt(0.1, "weight of the student's adversarial loss (0 = no discriminator)")
+    discriminator_channels: list = _opt((128, 256, 512, 1024), "conv widths of the discriminator", nargs="+")
+    fusion: bool = _opt(True, "fuse all four stage maps; off = last stage only (ablation switch)")
+    fusion_mode: str = _opt("sum", "how stage maps are combined", choices=("sum", "product"))
+    sigma: float = _opt(4.0, "Gaussian smoothing of the anomaly map (px at image_size)")
+    # training
+    epochs: int = _opt(20, "maximum number of epochs")
+    max_steps: int = _opt(0, "stop after this many iterations in all (0 = no limit)")
+    batch_size: int = _opt(16, "images per batch")
+    lr: float = _opt(1e-3, "student learning rate (Adam)")
+    d_lr: float = _opt(1e-4, "discriminator learning rate (Adam)")
+    weight_decay: float = _opt(1e-5, "student weight decay")
+    early_stop_patience: int = _opt(5, "epochs without validation-loss improvement before stopping (0 = off)")
+    seed: int = _opt(0, "random seed (data split, initialisation, shuffling)")
+    num_workers: int = _opt(0, "data-loading worker processes")
+    amp: bool = _opt(True, "mixed precision on CUDA (ignored on CPU)")
+    device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'")
+    threshold_quantile: float = _opt(0.99, "quantile of normal validation scores used as the decision threshold")
+
+    def __post_init__(self) -> None:
+        self.discriminator_channels = [int(c) for c in self.discriminator_channels]
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise MultiADInputError(
+                    f"option {f.name}: {getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}"
+                )
+        for name in ("image_size", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise MultiADInputError(f"option {name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise MultiADInputError(f"option val_fraction must be between 0 and 1, got {self.val_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "config") -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MultiADInputError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        types = {f.name: type(f.default) for f in fields(cls)}
+        clean = {}
+        for k, v in data.items():
+            want = types[k]
+            if want in (int, float) and not isinstance(v, (int, float)) or isinstance(v, bool) and want is not bool:
+                raise MultiADInputError(f"{source}: option {k} must be a {want.__name__}, got {v!r}")
+            if want is str and not isinstance(v, str):
+                raise MultiADInputError(f"{source}: option {k} must be a string, got {v!r}")
+            if want is bool and not isinstance(v, bool):
+                raise MultiADInputError(f"{source}: option {k} must be true or false, got {v!r}")
+            clean[k] = want(v) if want in (int, float) else v
+        return cls(**clean)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MultiADInputError(f"{path}: cannot read the run configuration ({e})") from e
+        return cls.from_dict(data, path)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Arguments of :class:`monai_multiad.networks.MultiAD` described by this config."""
+        pretrained: bool | str = {"imagenet": True, "none": False}.get(self.pretrained, self.pretrained)
+        return {
+            "backbone": self.backbone,
+            "in_channels": self.in_channels,
+            "pretrained": pretrained,
+            "student_se": self.student_se,
+            "discriminator": self.discriminator and self.adversarial_weight > 0,
+            "discriminator_channels": tuple(self.discriminator_channels),
+            "fusion_mode": self.fusion_mode,
+            "fuse": self.fusion,
+            "sigma": self.sigma,
+        }
+
+
+#: the options that decide the network's shape: a checkpoint must agree on them
+MODEL_KEYS = ("backbone", "in_channels", "student_se", "discriminator", "discriminator_channels", "fusion_mode")

@@ -1,0 +1,151 @@
+"""Evaluation and calibration engines: anomaly maps and scores for every batch, metrics as
+Ignite metrics attached to the engine, and the fitting of the fusion statistics on normals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import Evaluator
+
+from monai_multiad.errors import MultiADInputError
+from monai_multiad.networks import MultiAD
+
+__all__ = ["MultiADEvaluator", "fit_fusion", "validation_loss"]
+
+
+def _prepare(batchdata: Any, device: torch.device, non_blocking: bool = False, **kwargs) -> dict[str, Any]:
+    """Images (and masks, labels when present) of a dict batch onto ``device``."""
+    if not isinstance(batchdata, dict):
+        batchdata = {"image": batchdata[0]}
+    out = dict(batchdata)
+    out["image"] = torch.as_tensor(batchdata["image"]).to(device, non_blocking=non_blocking)
+    return out
+
+
+class MultiADEvaluator(Evaluator):
+    """Runs the model in eval mode over a loader; the engine output per batch is a dict with
+    ``"anomaly_map"`` (B, 1, H, W), ``"score"`` (B,), and the batch's ``"mask"``, ``"label"``,
+    ``"path"`` etc. passed through, so metrics (``monai_multiad.metrics``) and writers
+    attach with an ``output_transform``.
+
+    Args:
+        device: where to run.
+        val_data_loader: batches of dicts with ``"image"`` in [0, 1].
+        network: the trained :class:`MultiAD`.
+        key_val_metric / additional_metrics / val_handlers: as ``monai.engines.Evaluator``.
+        amp: mixed precision on CUDA.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Iterable,
+        network: MultiAD,
+        key_val_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        val_handlers: list | None = None,
+        amp: bool = False,
+        non_blocking: bool = False,
+    ) -> None:
+        device = torch.device(device)
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            non_blocking=non_blocking,
+            prepare_batch=_prepare,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            val_handlers=val_handlers,
+            amp=amp and device.type == "cuda",
+            decollate=False,
+        )
+        self.network = network.to(device)
+
+    def _iteration(self, engine: MultiADEvaluator, batchdata: Any) -> dict[str, Any]:
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        engine.network.eval()
+        with torch.no_grad(), torch.autocast(engine.state.device.type, enabled=engine.amp):
+            amap, score = engine.network(batch["image"])
+        batch["anomaly_map"], batch["score"] = amap.float(), score.float()
+        del batch["image"]
+        return batch
+
+
+@torch.no_grad()
+def fit_fusion(
+    network: MultiAD,
+    normal_loader: Iterable,
+    device: torch.device | str = "cpu",
+    threshold_quantile: float = 0.99,
+    prepare_batch: Callable = _prepare,
+) -> dict[str, Any]:
+    """Fit the fusion statistics on normal images (no anomaly labels needed).
+
+    Per stage, the mean of ``1 - cos`` over all normal pixels becomes the stage's scale; then
+    the image scores of the same normals give the threshold (their ``threshold_quantile``),
+    above which :func:`predict` calls an image anomalous. Returns the statistics as a dict.
+    """
+    device = torch.device(device)
+    network = network.to(device).eval()
+    sums, count = None, 0
+    batches = []
+    for batchdata in normal_loader:
+        images = prepare_batch(batchdata, device)["image"]
+        maps = network.stage_maps(images).double()
+        s = maps.sum(dim=(0, 2, 3))
+        sums = s if sums is None else sums + s
+        count += maps.shape[0] * maps.shape[2] * maps.shape[3]
+        batches.append(images.cpu())
+    if count == 0:
+        raise MultiADInputError("no normal images to fit the fusion statistics on: the validation set is empty")
+    means = (sums / count).float()
+    network.fusion.set_statistics(means, threshold=0.0)
+    scores = torch.cat([network(images.to(device))[1].cpu() for images in batches])
+    threshold = float(np.quantile(scores.numpy(), threshold_quantile))
+    network.fusion.set_statistics(means, threshold=threshold)
+    return {
+        "stage_means": [float(m) for m in means],
+        "threshold": threshold,
+        "threshold_quantile": threshold_quantile,
+        "normal_score_mean": float(scores.mean()),
+        "normal_score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "num_images": len(scores),
+    }
+
+
+def validation_loss(network: MultiAD, device: torch.device | str = "cpu") -> Engine:
+    """An Ignite engine computing the mean distillation loss on normal validation images
+    (``engine.state.metrics["val_loss"]``): the unsupervised model-selection criterion."""
+    from monai_multiad.losses import DistillationLoss
+
+    loss_fn = DistillationLoss()
+    device = torch.device(device)
+
+    def step(engine: Engine, batchdata: Any) -> tuple[float, int]:
+        network.eval()
+        images = _prepare(batchdata, device)["image"]
+        with torch.no_grad():
+            t, s = network.features(images)
+            return float(loss_fn(t, s)), images.shape[0]
+
+    engine = Engine(step)
+
+    @engine.on(Events.EPOCH_STARTED)
+    def _reset(e: Engine) -> None:
+        e.state.loss_sum, e.state.loss_n = 0.0, 0
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def _accumulate(e: Engine) -> None:
+        loss, n = e.state.output
+        e.state.loss_sum += loss * n
+        e.state.loss_n += n
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _compute(e: Engine) -> None:
+        e.state.metrics["val_loss"] = e.state.loss_sum / max(e.state.loss_n, 1)
+
+    return engine

@@ -1,0 +1,159 @@
+"""The Multi-AD trainer: a MONAI ``Trainer`` (an Ignite engine) whose iteration takes the
+student's distillation + adversarial step and then the discriminator's step, with two optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from monai.engines import Trainer
+from torch import nn
+
+from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss, normalized
+from monai_multiad.networks import MultiAD
+
+__all__ = ["MultiADTrainer", "prepare_image_batch"]
+
+
+def prepare_image_batch(batchdata: Any, device: torch.device, non_blocking: bool = False, **kwargs):
+    """Take the ``"image"`` of a dict batch (or the first item of a sequence) onto ``device``."""
+    images = batchdata["image"] if isinstance(batchdata, dict) else batchdata[0]
+    return torch.as_tensor(images).to(device, non_blocking=non_blocking, **kwargs), None
+
+
+class MultiADTrainer(Trainer):
+    """Knowledge distillation with an adversarial discriminator on normal images.
+
+    Per batch: (1) the student minimises ``sum_k w_k (1 - cos(F_Tk, F_Sk))`` plus
+    ``adversarial_weight`` times the BCE that makes the discriminator call its stage-4 features
+    real; (2) the discriminator minimises BCE(teacher = real, student = fake). With
+    ``adversarial_weight == 0`` or no discriminator, step (2) is skipped.
+
+    Under ``ignite.distributed`` with several processes, the student and discriminator are
+    wrapped in ``DistributedDataParallel`` (``idist.auto_model``) so gradients are averaged
+    across ranks; the teacher is frozen and needs no wrapping.
+
+    Args:
+        device: where to train.
+        max_epochs: epochs.
+        train_data_loader: batches of dicts with ``"image"`` (B, C, H, W) in [0, 1].
+        network: the :class:`MultiAD` model.
+        optimizer: optimizer of the student's parameters.
+        d_optimizer: optimizer of the discriminator's parameters (``None`` without discriminator).
+        adversarial_weight: weight of the student's adversarial term.
+        stage_weights: weights of the per-stage distillation losses.
+        amp: mixed precision (used on CUDA only).
+        other arguments: as ``monai.engines.Trainer``.
+
+    The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
+    ``distillation``, ``adversarial``, ``discriminator``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader,
+        network: MultiAD,
+        optimizer: torch.optim.Optimizer,
+        d_optimizer: torch.optim.Optimizer | None = None,
+        adversarial_weight: float = 0.1,
+        stage_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = prepare_image_batch,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+    ) -> None:
+        device = torch.device(device)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            amp=amp and device.type == "cuda",
+            decollate=False,
+        )
+        self.network = network.to(device)
+        self.optimizer = optimizer
+        self.d_optimizer = d_optimizer
+        self.adversarial_weight = float(adversarial_weight)
+        self.use_discriminator = network.discriminator is not None and d_optimizer is not None and adversarial_weight > 0
+        self.distillation_loss = DistillationLoss(stage_weights)
+        self.adversarial_loss = AdversarialLoss()
+        self.discriminator_loss = DiscriminatorLoss()
+        distributed = idist.get_world_size() > 1
+        self.student = idist.auto_model(network.student, sync_bn=False) if distributed else network.student
+        self.discriminator = network.discriminator
+        if distributed and self.use_discriminator:
+            self.discriminator = idist.auto_model(network.discriminator, sync_bn=False)
+
+    def _autocast(self):
+        return torch.autocast("cuda", enabled=self.amp) if self.state.device.type == "cuda" else _nullcontext()
+
+    def _iteration(self, engine: MultiADTrainer, batchdata: Any) -> dict[str, float]:
+        images, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        net = engine.network
+        net.train()
+        d_net = engine.discriminator
+        with engine._autocast():
+            teacher, student = net.features(images, student=engine.student)
+            distill = engine.distillation_loss(teacher, student)
+            adversarial = torch.zeros((), device=images.device)
+            if engine.use_discriminator:
+                # gradients of this term train the student only: the bare discriminator is
+                # called with its parameters frozen (and outside its DDP wrapper)
+                net.discriminator.requires_grad_(False)
+                adversarial = engine.adversarial_loss(net.discriminator, student[-1])
+                net.discriminator.requires_grad_(True)
+            loss = distill + engine.adversarial_weight * adversarial
+        engine.optimizer.zero_grad(set_to_none=True)
+        engine._backward_step(loss, engine.optimizer)
+
+        d_loss = torch.zeros(())
+        if engine.use_discriminator:
+            with engine._autocast():
+                feats = torch.cat([normalized(teacher[-1]), normalized(student[-1].detach())]).float()
+                logits = d_net(feats)
+                n = teacher[-1].shape[0]
+                target = torch.cat([torch.ones(n), torch.zeros(n)]).to(logits)
+                d_loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+            engine.d_optimizer.zero_grad(set_to_none=True)
+            engine._backward_step(d_loss, engine.d_optimizer)
+        return {
+            "loss": float(loss.detach()),
+            "distillation": float(distill.detach()),
+            "adversarial": float(adversarial.detach()),
+            "discriminator": float(d_loss.detach()),
+        }
+
+    def _backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {float(loss)} at iteration {self.state.iteration}: "
+                "lower the learning rate or check the input intensities"
+            )
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,186 @@
+"""Evaluating a trained run on a labelled test split, and predicting on new 2D images."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+
+from monai_multiad.config import RunConfig
+from monai_multiad.engines.evaluator import MultiADEvaluator
+from monai_multiad.errors import MultiADInputError
+from monai_multiad.io import write_json, write_png, write_text
+from monai_multiad.metrics import AUPRO, F1Max, ImageAUROC, PixelAUROC
+from monai_multiad.visualize import contact_sheet, overlay
+from monai_multiad.workflow import build_datasets, build_loader, load_model, resolve_device
+
+__all__ = ["evaluate", "predict", "anomaly_metrics", "format_table"]
+
+
+def _pixel_rows(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and masks of the images whose ground truth is known (normal, or anomalous with a mask)."""
+    keep = torch.as_tensor(o.get("has_mask", torch.ones_like(o["score"], dtype=torch.bool))).bool().cpu()
+    keep = keep | (torch.as_tensor(o["label"]).cpu() == 0)
+    return o["anomaly_map"].cpu()[keep], torch.as_tensor(o["mask"]).cpu()[keep]
+
+
+def anomaly_metrics(pixel: bool = True) -> tuple[dict, dict]:
+    """(key metric, additional metrics) for :class:`MultiADEvaluator`: image AUROC, F1-max, and
+    (with masks) pixel AUROC and AUPRO to FPR 0.3."""
+    key = {"image_auroc": ImageAUROC(output_transform=lambda o: (o["score"], o["label"]))}
+    extra: dict[str, Any] = {"f1": F1Max(output_transform=lambda o: (o["score"], o["label"]))}
+    if pixel:
+        extra["pixel_auroc"] = PixelAUROC(output_transform=_pixel_rows)
+        extra["aupro"] = AUPRO(fpr_limit=0.3, output_transform=_pixel_rows)
+    return key, extra
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def evaluate(
+    run_dir: str | Path,
+    dataset_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    sheet_size: int = 8,
+) -> dict[str, Any]:
+    """Score the test split of ``dataset_dir`` (default: the one trained on) and write
+    ``metrics.json``, ``scores.csv`` and ``contact_sheet.png`` (most and least anomalous) to ``out_dir``."""
+    dev = resolve_device(device)
+    network, cfg, fusion = load_model(run_dir, dev)
+    cfg = RunConfig.from_dict({**cfg.to_dict(), **({"dataset_dir": str(dataset_dir)} if dataset_dir else {}),
+                               **({"batch_size": batch_size} if batch_size else {})})
+    out_dir = Path(out_dir or run_dir)
+    test_ds = build_datasets(cfg, "test")
+    if len(test_ds) == 0:
+        raise MultiADInputError(f"{cfg.dataset_dir}: the test split is empty")
+    key, extra = anomaly_metrics(pixel=True)
+    evaluator = MultiADEvaluator(dev, build_loader(test_ds, cfg, shuffle=False), network,
+                                 key_val_metric=key, additional_metrics=extra, amp=cfg.amp)
+    rows: list[dict[str, Any]] = []
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _collect(engine) -> None:
+        o = engine.state.output
+        for i, score in enumerate(o["score"].tolist()):
+            rows.append({"path": o["path"][i], "label": int(o["label"][i]), "score": score, "index": len(rows)})
+
+    try:
+        evaluator.run()
+    except ValueError as e:
+        raise MultiADInputError(f"{cfg.dataset_dir}: cannot compute the metrics ({e})") from e
+    m = evaluator.state.metrics
+    metrics = {
+        "image_auroc": m["image_auroc"],
+        "pixel_auroc": m["pixel_auroc"],
+        "aupro": m["aupro"],
+        "f1_max": m["f1"]["f1_max"],
+        "f1_threshold": m["f1"]["threshold"],
+        "normal_threshold": fusion.get("threshold"),
+        "num_images": len(rows),
+        "num_anomalous": sum(r["label"] for r in rows),
+        "dataset_dir": str(cfg.dataset_dir),
+    }
+    write_json(out_dir / "metrics.json", {**_previous(out_dir / "metrics.json"), "evaluation": metrics})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["path", "label", "score"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out_dir / "scores.csv", buf.getvalue())
+    _write_sheet(network, test_ds, rows, out_dir / "contact_sheet.png", dev, sheet_size)
+    return metrics
+
+
+def _previous(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@torch.no_grad()
+def _write_sheet(network, dataset, rows, path: Path, device, n: int) -> None:
+    """Top row(s): the ``n`` highest-scored test images; bottom: the ``n`` lowest; ground truth outlined."""
+    order = sorted(rows, key=lambda r: -r["score"])
+    picks = order[:n] + order[-n:] if len(order) > 2 * n else order
+    items = [dataset[r["index"]] for r in picks]
+    images = torch.stack([torch.as_tensor(it["image"]) for it in items]).to(device)
+    maps, _ = network(images)
+    vmax = float(maps.max())
+    tiles = [
+        overlay(it["image"].numpy(), m[0].cpu().numpy(), vmax=vmax, mask=it["mask"][0].numpy() > 0.5)
+        for it, m in zip(items, maps)
+    ]
+    write_png(path, contact_sheet(tiles, columns=min(n, len(tiles))))
+
+
+def _collect_images(inputs: list[str | Path]) -> list[Path]:
+    from monai_multiad.data.images import list_images
+
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += list_images(item)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise MultiADInputError(f"{item}: no such file or folder")
+    if not files:
+        raise MultiADInputError("no images given to predict on")
+    return files
+
+
+@torch.no_grad()
+def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto") -> list[dict]:
+    """Score each image; write ``<name>_overlay.png`` (map over image at its original size) and
+    ``predictions.json`` (score, threshold, anomalous) to ``out_dir``. An unreadable image is
+    recorded with its error and the others go on."""
+    from monai_multiad.data.images import read_image, restore_size
+    import torch.nn.functional as F
+
+    dev = resolve_device(device)
+    network, cfg, fusion = load_model(run_dir, dev)
+    threshold = fusion.get("threshold")
+    out_dir = Path(out_dir)
+    results, used = [], set()
+    for path in _collect_images(inputs):
+        name = path.stem
+        while name in used:
+            name += "_"
+        used.add(name)
+        try:
+            image = read_image(path, channels=cfg.in_channels)
+        except MultiADInputError as e:
+            results.append({"path": str(path), "error": str(e)})
+            continue
+        x = torch.from_numpy(image)[None].to(dev)
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
+        amap, score = network(x.clamp(0, 1))
+        full = restore_size(amap[0].cpu(), image.shape[-2:])
+        full = np.asarray(full)[0]
+        vmax = max(float(threshold) if threshold else 0.0, float(full.max()))
+        overlay_path = out_dir / f"{name}_overlay.png"
+        write_png(overlay_path, overlay(image, full, vmax=vmax))
+        s = float(score[0])
+        results.append({
+            "path": str(path),
+            "score": s,
+            "threshold": threshold,
+            "anomalous": bool(threshold is not None and s > threshold),
+            "overlay": str(overlay_path),
+            "size": list(image.shape[-2:]),
+        })
+    write_json(out_dir / "predictions.json", results)
+    return results

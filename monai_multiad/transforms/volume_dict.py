@@ -1,0 +1,220 @@
+"""Dictionary forms of the volume transforms in :mod:`monai_multiad.transforms.volume`.
+
+Typical use (``image`` and ``label`` are paths to volumes on the same grid)::
+
+    Compose([
+        LoadVolumed(["image", "label"]),
+        ScaleIntensityByModalityd("image", mode="mri"),
+        VolumeToSlicesd(["image", "label"], spatial_size=(256, 256), mode=("bilinear", "nearest")),
+        ...  # later transforms run on every slice dict of the list
+    ])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import InvertibleTransform, MapTransform
+from monai.utils import ensure_tuple_rep
+
+from monai_multiad.errors import input_error
+from monai_multiad.transforms.volume import (
+    LoadVolume,
+    ScaleIntensityByModality,
+    SlicesToVolume,
+    VolumeToSlices,
+    _as_meta,
+    _info_from_slice,
+    slice_foreground,
+    slice_info,
+)
+
+__all__ = [
+    "LoadVolumed", "LoadVolumeD", "LoadVolumeDict",
+    "ScaleIntensityByModalityd", "ScaleIntensityByModalityD", "ScaleIntensityByModalityDict",
+    "VolumeToSlicesd", "VolumeToSlicesD", "VolumeToSlicesDict",
+    "SlicesToVolumed", "SlicesToVolumeD", "SlicesToVolumeDict",
+]
+
+
+class LoadVolumed(MapTransform):
+    """Dictionary form of :class:`~monai_multiad.transforms.volume.LoadVolume`: path -> ``MetaTensor`` ``(1, X, Y, Z)``.
+
+    Args:
+        keys: keys whose values are paths (NIfTI file, DICOM file or DICOM series folder).
+        series_uid: SeriesInstanceUID to pick in folders holding several series.
+        dtype: output dtype.
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, series_uid: str | None = None, dtype=np.float32,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadVolume(series_uid=series_uid, dtype=dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
+
+
+class ScaleIntensityByModalityd(MapTransform):
+    """Dictionary form of :class:`~monai_multiad.transforms.volume.ScaleIntensityByModality`.
+
+    Args:
+        keys: keys of the volumes to scale to float32 ``[0, 1]``.
+        mode, lower, upper, window, preset: as in the array transform.
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, mode: str = "mri", lower: float = 0.5, upper: float = 99.5,
+                 window: Sequence[float] | None = None, preset: str | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scaler = ScaleIntensityByModality(mode=mode, lower=lower, upper=upper, window=window, preset=preset)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.scaler(d[key])
+        return d
+
+
+class VolumeToSlicesd(MapTransform, InvertibleTransform):
+    """Dictionary form of :class:`~monai_multiad.transforms.volume.VolumeToSlices`: one dict -> a list of slice dicts.
+
+    The slices to keep are chosen once, on ``fg_key`` (default: the first key), by the
+    foreground rule of :func:`~monai_multiad.transforms.volume.volume_to_slices`, and the same
+    indices are taken from every key, so image and label slices stay paired. Each output dict
+    holds every key's ``MetaTensor`` ``(C, H, W)``, ``index_key`` (the canonical slice index)
+    and the other entries of the input dict (shared, not copied). An empty list comes back when
+    no slice is foreground.
+
+    Args:
+        keys: keys of volumes ``(C, X, Y, Z)`` on one grid.
+        axis, orientation, spatial_size, min_foreground, fg_threshold, keep_all, chunk_size:
+            as in the array transform.
+        mode: resize mode per key ("bilinear" for images, "nearest" for labels), or one for all.
+        fg_key: the key the foreground rule looks at (may be outside ``keys``).
+        index_key: output key of the slice index.
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, axis: str = "axial", orientation: str = "RAS",
+                 spatial_size: Sequence[int] | None = None, mode: str | Sequence[str] = "bilinear",
+                 min_foreground: float = 0.01, fg_threshold: float = 0.05, keep_all: bool = False,
+                 fg_key: Hashable | None = None, index_key: Hashable = "slice_index", chunk_size: int = 32,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.fg_key, self.index_key = fg_key, index_key
+        self.slicer = VolumeToSlices(axis=axis, orientation=orientation, spatial_size=spatial_size,
+                                     min_foreground=min_foreground, fg_threshold=fg_threshold,
+                                     keep_all=keep_all, chunk_size=chunk_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        d = dict(data)
+        keys = [(key, mode) for key, mode in self.key_iterator(d, self.mode)]
+        if not keys:
+            return [d]
+        fg_key = self.fg_key if self.fg_key is not None else keys[0][0]
+        per_key: dict[Hashable, list] = {}
+        if fg_key in dict(keys):
+            per_key[fg_key] = self.slicer(d[fg_key], mode=dict(keys)[fg_key])
+            kept = [int(s.meta["slice_index"]) for s in per_key[fg_key]]
+        else:
+            if fg_key not in d:
+                raise input_error(None, f"fg_key {fg_key!r} is not in the data (keys: {list(d)})")
+            s = self.slicer
+            if s.keep_all:
+                kept = None
+            else:
+                vol = _as_meta(d[fg_key])
+                fractions = slice_foreground(vol.as_tensor(), slice_info(vol, s.axis, s.orientation),
+                                             s.fg_threshold, s.chunk_size)
+                kept = [k for k in range(len(fractions)) if float(fractions[k]) >= s.min_foreground]
+        for key, mode in keys:
+            if key not in per_key:
+                per_key[key] = self.slicer(d[key], indices=kept, mode=mode)
+                if kept is None:
+                    kept = [int(s.meta["slice_index"]) for s in per_key[key]]
+        names = set(per_key)
+        out = []
+        for j, k in enumerate(kept or []):
+            item = {name: value for name, value in d.items() if name not in names}
+            item.update({name: slices[j] for name, slices in per_key.items()})
+            item[self.index_key] = k
+            out.append(item)
+        return out
+
+    def inverse(self, data: Sequence[Mapping[Hashable, Any]]) -> dict[Hashable, Any]:
+        """Args: data: the list of slice dicts. Returns: one dict with each key's volume."""
+        items = list(data)
+        if not items:
+            raise input_error(None, "no slice dicts to put back into volumes")
+        d = {name: value for name, value in items[0].items() if name != self.index_key}
+        for key, mode in self.key_iterator(items[0], self.mode):
+            d[key] = self.slicer.inverse([item[key] for item in items], mode=mode)
+        return d
+
+
+class SlicesToVolumed(MapTransform):
+    """Dictionary form of :class:`~monai_multiad.transforms.volume.SlicesToVolume`.
+
+    Accepts either the list of slice dicts from :class:`VolumeToSlicesd` (for each key, the
+    per-slice maps; indices and geometry from the slices' metadata, or from ``ref_key``'s slices
+    when the maps are new tensors), or one dict whose keys hold stacked maps ``(N, C, H, W)``,
+    ``index_key`` the indices and ``ref_key`` the reference (the slicing ``info`` dict or the
+    original volume). Returns one dict: each key holds its ``(C, X, Y, Z)`` volume.
+
+    Args:
+        keys: keys of the per-slice maps.
+        axis, orientation: slicing geometry, used when the reference is a volume.
+        mode: "bilinear" (maps) or "nearest" (labels), per key or one for all.
+        fill: value of slices that were not given.
+        index_key: key of the slice indices.
+        ref_key: key of the reference (see above).
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, axis: str = "axial", orientation: str = "RAS",
+                 mode: str | Sequence[str] = "bilinear", fill: float = 0.0, index_key: Hashable = "slice_index",
+                 ref_key: Hashable | None = None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.axis, self.orientation, self.fill = axis, orientation, fill
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.index_key, self.ref_key = index_key, ref_key
+
+    def __call__(self, data: Mapping[Hashable, Any] | Sequence[Mapping[Hashable, Any]]) -> dict[Hashable, Any]:
+        if isinstance(data, Mapping):
+            d = dict(data)
+            indices = d.get(self.index_key)
+            reference = d.get(self.ref_key) if self.ref_key is not None else None
+            for key, mode in self.key_iterator(d, self.mode):
+                t = SlicesToVolume(self.axis, self.orientation, mode, self.fill)
+                d[key] = t(d[key], indices=indices, reference=reference)
+            return d
+        items = list(data)
+        if not items:
+            raise input_error(None, "no slice dicts to put back into volumes")
+        indices = [int(item[self.index_key]) for item in items] if self.index_key in items[0] else None
+        reference = None
+        if self.ref_key is not None:
+            recorded = _info_from_slice(items[0][self.ref_key])
+            reference = recorded[1] if recorded is not None else None
+        d = {name: value for name, value in items[0].items() if name != self.index_key}
+        for key, mode in self.key_iterator(items[0], self.mode):
+            t = SlicesToVolume(self.axis, self.orientation, mode, self.fill)
+            d[key] = t([item[key] for item in items], indices=indices, reference=reference)
+        if self.ref_key is not None and self.ref_key not in self.keys:
+            d.pop(self.ref_key, None)
+        return d
+
+
+LoadVolumeD = LoadVolumeDict = LoadVolumed
+ScaleIntensityByModalityD = ScaleIntensityByModalityDict = ScaleIntensityByModalityd
+VolumeToSlicesD = VolumeToSlicesDict = VolumeToSlicesd
+SlicesToVolumeD = SlicesToVolumeDict = SlicesToVolumed

@@ -1,0 +1,321 @@
+"""Building and running a Multi-AD experiment from a :class:`~monai_multiad.config.RunConfig`.
+
+The one place where datasets, the network, the engines and their handlers are put together:
+the CLI calls :func:`train`, and the bundles' configs reach the same builders
+(:func:`build_network`, :func:`build_datasets`, :func:`build_trainer`).
+
+A run folder holds ``config.json`` (the options used), ``model.pt`` (network weights +
+fusion statistics + config), ``checkpoints/`` (the last epoch for ``--resume``, the best by
+validation loss), ``log.csv`` (per-epoch losses) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Events
+from ignite.handlers import Checkpoint, DiskSaver, EarlyStopping, TerminateOnNan
+from monai.utils import set_determinism
+from torch.utils.data import DataLoader, Dataset
+
+from monai_multiad.config import MODEL_KEYS, RunConfig
+from monai_multiad.engines.evaluator import fit_fusion, validation_loss
+from monai_multiad.engines.trainer import MultiADTrainer
+from monai_multiad.errors import MultiADInputError, WeightsError
+from monai_multiad.io import write_json
+from monai_multiad.networks import MultiAD
+
+__all__ = [
+    "resolve_device",
+    "build_network",
+    "build_datasets",
+    "build_loader",
+    "build_trainer",
+    "train",
+    "load_model",
+    "save_model",
+]
+
+logger = logging.getLogger("monai_multiad")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"``: the rank's CUDA device when there is one, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return idist.device() if idist.get_world_size() > 1 else torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MultiADInputError(f"device {name!r} was asked for but CUDA is not available: use --device cpu or auto")
+    return device
+
+
+def build_network(cfg: RunConfig) -> MultiAD:
+    return MultiAD(**cfg.model_kwargs())
+
+
+def build_datasets(cfg: RunConfig, split: str = "train") -> Dataset | tuple[Dataset, Dataset]:
+    """``split="train"``: (train, validation) datasets of normal images; ``"test"``: the test set.
+
+    Image layouts (MVTec AD, BMAD) come from :mod:`monai_multiad.data.images`; volume folders
+    from :mod:`monai_multiad.data.volumes` (normal slices for training).
+    """
+    root = Path(cfg.dataset_dir)
+    layout = cfg.layout
+    if layout == "auto":
+        layout = _detect_layout(root)
+    if layout == "volumes":
+        from monai_multiad.data.volumes import volume_slice_datasets
+
+        return volume_slice_datasets(cfg, split)
+    from monai_multiad.data.images import AnomalyImageDataset, samples_for, split_normals
+
+    size, ch = cfg.image_size, cfg.in_channels
+    if split == "train":
+        train, val = split_normals(samples_for(root, "train"), fraction=cfg.val_fraction, seed=cfg.seed)
+        if not val:
+            raise MultiADInputError(f"{root}: too few normal training images to hold out a validation set")
+        return AnomalyImageDataset(train, size, ch, cache=True), AnomalyImageDataset(val, size, ch, cache=True)
+    return AnomalyImageDataset(samples_for(root, split), size, ch)
+
+
+def _detect_layout(root: Path) -> str:
+    from monai_multiad.data.images import detect_layout
+
+    if not root.is_dir():
+        raise MultiADInputError(f"{root}: dataset folder not found")
+    if (root / "splits.json").is_file():
+        return "volumes"
+    return detect_layout(root)
+
+
+def build_loader(dataset: Dataset, cfg: RunConfig, shuffle: bool) -> DataLoader:
+    """A loader that shards across ranks under ``ignite.distributed`` (``idist.auto_dataloader``)."""
+    kwargs = dict(batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers, drop_last=False)
+    if idist.get_world_size() > 1:
+        return idist.auto_dataloader(dataset, **kwargs)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(dataset, generator=g, pin_memory=torch.cuda.is_available(), **kwargs)
+
+
+def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device) -> MultiADTrainer:
+    optimizer = torch.optim.Adam(network.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    d_optimizer = None
+    if network.discriminator is not None:
+        d_optimizer = torch.optim.Adam(network.discriminator.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
+    return MultiADTrainer(
+        device=device,
+        max_epochs=cfg.epochs,
+        train_data_loader=loader,
+        network=network,
+        optimizer=optimizer,
+        d_optimizer=d_optimizer,
+        adversarial_weight=cfg.adversarial_weight,
+        amp=cfg.amp,
+    )
+
+
+def save_model(path: str | Path, network: MultiAD, cfg: RunConfig, fusion_stats: dict | None = None) -> None:
+    """Write the trained network, its fusion statistics and its config (atomically)."""
+    from monai_multiad.io import atomic_path
+
+    payload = {"config": cfg.to_dict(), "state_dict": network.state_dict(), "fusion": fusion_stats or {}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[MultiAD, RunConfig, dict]:
+    """Load ``model.pt`` (or a run folder holding one) -> (network in eval mode, config, fusion stats)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise MultiADInputError(f"{path}: no trained model here (expected a run folder written by 'multiad train')")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = RunConfig.from_dict(payload["config"], path)
+        state = payload["state_dict"]
+    except (KeyError, TypeError) as e:
+        raise WeightsError(f"{path}: not a monai-multiad model file (missing {e})") from e
+    except WeightsError:
+        raise
+    except MultiADInputError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from e
+    network = MultiAD(**{**cfg.model_kwargs(), "pretrained": False})
+    from monai_multiad.networks.weights import load_complete
+
+    load_complete(network, state, path)
+    return network.to(device).eval(), cfg, payload.get("fusion", {})
+
+
+def check_compatible(checkpoint_cfg: dict[str, Any], cfg: RunConfig, source: str | Path) -> None:
+    """A checkpoint from another backbone or shape is an error naming the differing options."""
+    diff = [
+        f"{k}={checkpoint_cfg.get(k)!r} (this run: {getattr(cfg, k)!r})"
+        for k in MODEL_KEYS
+        if k in checkpoint_cfg and checkpoint_cfg[k] != getattr(cfg, k) and list(checkpoint_cfg[k] or []) != getattr(cfg, k)
+    ]
+    if diff:
+        raise WeightsError(f"{source}: checkpoint was made with {', '.join(diff)}")
+
+
+class _EpochLog:
+    """Per-epoch mean losses and validation loss -> ``log.csv`` (and TensorBoard when installed)."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None) -> None:
+        self.path, self.sums, self.rows = path, {}, []
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                pass
+
+    def iteration(self, engine) -> None:
+        for k, v in engine.state.output.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums["_n"] = self.sums.get("_n", 0) + 1
+
+    def epoch(self, engine, val_loss: float, seconds: float) -> None:
+        n = max(self.sums.pop("_n", 1), 1)
+        row = {"epoch": engine.state.epoch, **{k: v / n for k, v in self.sums.items()}}
+        row.update(val_loss=val_loss, seconds=round(seconds, 2))
+        self.rows.append(row)
+        self.sums = {}
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    self.writer.add_scalar(k, v, engine.state.epoch)
+        logger.info("epoch %d: %s", engine.state.epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None, progress: bool = True) -> dict:
+    """Train on the normal images of ``cfg.dataset_dir``, fit the fusion on the held-out normals,
+    and write the run folder. Returns the training summary written to ``metrics.json``."""
+    run_dir = Path(run_dir)
+    rank0 = idist.get_rank() == 0
+    set_determinism(seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    train_ds, val_ds = build_datasets(cfg, "train")
+    if len(train_ds) == 0:
+        raise MultiADInputError(f"{cfg.dataset_dir}: no normal training images")
+    network = build_network(cfg).to(device)
+    loader = build_loader(train_ds, cfg, shuffle=True)
+    val_loader = build_loader(val_ds, cfg, shuffle=False)
+    trainer = build_trainer(cfg, network, loader, device)
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+
+    to_save = {"trainer": trainer, "student": network.student, "optimizer": trainer.optimizer}
+    if network.discriminator is not None:
+        to_save.update(discriminator=network.discriminator, d_optimizer=trainer.d_optimizer)
+    ckpt_dir = run_dir / "checkpoints"
+    last = Checkpoint(to_save, DiskSaver(ckpt_dir, require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
+    val_engine = validation_loss(network, device)
+    best_objects = {k: v for k, v in to_save.items() if k in ("student", "discriminator")}
+    best = Checkpoint(
+        best_objects,
+        DiskSaver(ckpt_dir, require_empty=False, atomic=True),
+        filename_prefix="best",
+        score_function=lambda e: -e.state.metrics["val_loss"],
+        score_name="neg_val_loss",
+        n_saved=1,
+        global_step_transform=lambda *_: trainer.state.epoch,
+    )
+    log = _EpochLog(run_dir / "log.csv", run_dir / "tensorboard")
+    epoch_start = [time.perf_counter()]
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, log.iteration)
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epoch_start.__setitem__(0, time.perf_counter()))
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _validate(engine) -> None:
+        val_engine.run(val_loader)
+        if rank0:
+            log.epoch(engine, val_engine.state.metrics["val_loss"], time.perf_counter() - epoch_start[0])
+
+    if rank0:
+        val_engine.add_event_handler(Events.COMPLETED, best)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
+    if cfg.early_stop_patience > 0:
+        val_engine.add_event_handler(
+            Events.COMPLETED,
+            EarlyStopping(cfg.early_stop_patience, lambda e: -e.state.metrics["val_loss"], trainer, min_delta=1e-4),
+        )
+    if cfg.max_steps > 0:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=cfg.max_steps), lambda e: e.terminate())
+    if progress and rank0 and sys.stderr.isatty():
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
+    if resume is not None:
+        _resume(Path(resume), to_save, cfg)
+
+    t0 = time.perf_counter()
+    trainer.run()
+    train_seconds = time.perf_counter() - t0
+    if best.last_checkpoint is not None:  # the best epoch by validation loss, not the last one
+        Checkpoint.load_objects(best_objects, torch.load(ckpt_dir / best.last_checkpoint, map_location=device,
+                                                         weights_only=True))
+    fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile)
+    summary = {
+        "epochs": trainer.state.epoch,
+        "iterations": trainer.state.iteration,
+        "best_val_loss": -best._saved[-1].priority if best._saved else None,
+        "train_seconds": round(train_seconds, 1),
+        "train_images": len(train_ds),
+        "val_images": len(val_ds),
+        "device": _device_name(device),
+        "fusion": fusion_stats,
+    }
+    if rank0:
+        save_model(run_dir / "model.pt", network, cfg, fusion_stats)
+        write_json(run_dir / "metrics.json", {"training": summary})
+    return summary
+
+
+def _resume(path: Path, to_save: dict, cfg: RunConfig) -> None:
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("last_checkpoint_*.pt")) or sorted(path.glob("last_checkpoint_*.pt"))
+        if not found:
+            raise MultiADInputError(f"{path}: no last_checkpoint_*.pt to resume from")
+        path = found[-1]
+    if not path.is_file():
+        raise MultiADInputError(f"{path}: checkpoint to resume from not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    config_file = path.parent.parent / "config.json"
+    if config_file.is_file():
+        check_compatible(RunConfig.load(config_file).to_dict(), cfg, path)
+    missing = [k for k in to_save if k not in state]
+    if missing:
+        raise WeightsError(f"{path}: checkpoint lacks {', '.join(missing)} (made by another configuration?)")
+    try:
+        Checkpoint.load_objects(to_save, state)
+    except (RuntimeError, ValueError) as e:
+        raise WeightsError(f"{path}: checkpoint does not fit this network: {str(e).splitlines()[0]}") from e
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
