@@ -313,6 +313,8 @@ def _resume(path: Path, to_save: dict, cfg: RunConfig) -> None:
         Checkpoint.load_objects(to_save, state)
     except (RuntimeError, ValueError) as e:
         raise WeightsError(f"{path}: checkpoint does not fit this network: {str(e).splitlines()[0]}") from e
+    # the saved state ends at its own max_epochs; go on to this run's
+    to_save["trainer"].state.max_epochs = cfg.epochs
 
 
 def _device_name(device: torch.device) -> str:

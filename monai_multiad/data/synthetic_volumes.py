@@ -87,7 +87,8 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
     try:
-        img = nib.Nifti1Image(np.asarray(array), aff)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            img = nib.Nifti1Image(np.asarray(array), aff)
     except nib.spatialimages.HeaderDataError:  # singular: no qform; keep it in the sform (bad test files)
         img = nib.Nifti1Image(np.asarray(array), None)
         img.header.set_qform(None, code=0)

@@ -51,7 +51,8 @@ def _check_shape(path, shape: Sequence[int], allow_single_slice: bool) -> tuple[
         raise input_error(path, f"4D data (shape {shape}); expected one 3D volume: extract one time point or channel first")
     spatial = shape[:3]
     if len(spatial) < 3:
-        raise input_error(path, f"2D image (shape {shape}, ndim {len(shape)}); expected a 3D volume (X, Y, Z) with several slices")
+        raise input_error(path, f"2D image (shape {shape}, ndim {len(shape)}); "
+                                "expected a 3D volume (X, Y, Z) with several slices")
     if sum(s > 1 for s in spatial) < 3 and not allow_single_slice:
         raise input_error(path, f"2D image: a single slice (shape {spatial}); expected a 3D volume with several slices")
     return spatial
@@ -63,7 +64,8 @@ def _check_affine(path, affine) -> np.ndarray:
     norms = np.linalg.norm(lin, axis=0)
     det = float(np.linalg.det(lin)) if np.all(np.isfinite(lin)) else float("nan")
     if not np.isfinite(det) or norms.min() < 1e-8 or abs(det) < 1e-6 * float(np.prod(norms)):
-        raise input_error(path, f"singular affine (determinant {det:.3g}): the voxel-to-world matrix must be invertible; got {lin.round(4).tolist()}")
+        raise input_error(path, f"singular affine (determinant {det:.3g}): the voxel-to-world matrix must be "
+                                f"invertible; got {lin.round(4).tolist()}")
     return aff
 
 
@@ -75,34 +77,36 @@ def _meta(path, shape, affine, modality, fmt, **extra) -> dict:
 
 
 def _load_nifti(path: Path, dtype) -> MetaTensor:
+    """NIfTI with nibabel, as MONAI's ``NibabelReader`` does (same voxels, affine and header metadata),
+    but keeping the file's memory order (x fastest): slices along z are then contiguous blocks."""
     import nibabel as nib
-    from monai.data import NibabelReader
-    from monai.transforms import LoadImage
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), mmap=False)
     except Exception as e:  # noqa: BLE001 - any nibabel failure is a bad file
         raise input_error(path, f"cannot read as NIfTI ({type(e).__name__}: {e})") from None
-    _check_shape(path, img.shape, allow_single_slice=False)
-    _check_affine(path, img.affine)
-    out = LoadImage(reader=NibabelReader(squeeze_non_spatial_dims=True), image_only=True,
-                    ensure_channel_first=True, dtype=dtype)(str(path))
-    if out.is_floating_point():
-        bad = ~torch.isfinite(out)
-        if bad.any():
-            n_nan = int(torch.isnan(out).sum())
-            raise input_error(path, f"{n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel values (of {out.numel()}); "
-                                    "replace them (e.g. numpy.nan_to_num) before use")
-    out.meta["modality"] = None
-    out.meta["format"] = "nifti"
-    return out
+    shape = _check_shape(path, img.shape, allow_single_slice=False)
+    affine = _check_affine(path, img.affine)
+    try:
+        arr = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001
+        raise input_error(path, f"cannot read the voxel data ({type(e).__name__}: {e})") from None
+    arr = arr[(Ellipsis,) + (0,) * (arr.ndim - 3)].astype(dtype, copy=False)  # drop trailing size-1 dims
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        n_nan = int(np.isnan(arr).sum())
+        raise input_error(path, f"{n_nan} NaN and {int((~np.isfinite(arr)).sum()) - n_nan} infinite voxel values "
+                                f"(of {arr.size}); replace them (e.g. numpy.nan_to_num) before use")
+    meta = {k: np.asarray(v) for k, v in img.header.items() if np.asarray(v).dtype.kind in "biuf"}  # as MONAI: numbers only
+    meta.update(_meta(path, shape, affine, None, "nifti"))
+    return MetaTensor(torch.from_numpy(arr[None]), affine=torch.as_tensor(affine), meta=meta)
 
 
 def _sitk_to_volume(path, image, dtype, allow_single_slice, modality, fmt, **extra) -> MetaTensor:
     import SimpleITK as sitk
 
     if image.GetNumberOfComponentsPerPixel() > 1:
-        raise input_error(path, f"{image.GetNumberOfComponentsPerPixel()}-component pixels (colour or vector image); expected one grey value per voxel")
+        raise input_error(path, f"{image.GetNumberOfComponentsPerPixel()}-component pixels (colour or vector image); "
+                                "expected one grey value per voxel")
     size = tuple(image.GetSize())
     _check_shape(path, size, allow_single_slice)
     if image.GetDimension() == 2:
@@ -111,7 +115,9 @@ def _sitk_to_volume(path, image, dtype, allow_single_slice, modality, fmt, **ext
     lps[:3, :3] = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
     affine = _check_affine(path, _LPS_TO_RAS @ lps)
-    arr = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0).astype(dtype)  # (z, y, x) -> (x, y, z)
+    view = sitk.GetArrayViewFromImage(image)
+    view = view.reshape(view.shape[-3:])  # size-1 leading (4th+) dimensions were checked above
+    arr = view.transpose(2, 1, 0).astype(dtype)  # (z, y, x) -> (x, y, z), keeping x fastest in memory
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise input_error(path, f"{int(np.isnan(arr).sum())} NaN or infinite voxel values; replace them before use")
     meta = _meta(path, arr.shape, affine, modality, fmt, **extra)
@@ -153,10 +159,12 @@ def _order_series(path: Path, headers: list) -> list:
     except (AttributeError, TypeError, ValueError):
         if len(headers) == 1:
             return headers
-        raise input_error(path, "DICOM slices lack ImagePositionPatient / ImageOrientationPatient: cannot order the slices") from None
+        raise input_error(path, "DICOM slices lack ImagePositionPatient / ImageOrientationPatient: "
+                                "cannot order the slices") from None
     normal = np.cross(iop[0, :3], iop[0, 3:])
     if np.linalg.norm(normal) < 1e-3:
-        raise input_error(path, f"singular affine: ImageOrientationPatient {iop[0].tolist()} has parallel or zero row/column directions")
+        raise input_error(path, f"singular affine: ImageOrientationPatient {iop[0].tolist()} has parallel or zero "
+                                "row/column directions")
     if len(headers) == 1:
         return headers
     if np.abs(iop - iop[0]).max() > 1e-3:
@@ -168,8 +176,8 @@ def _order_series(path: Path, headers: list) -> list:
     pos = pos[order]
     gaps = np.diff(pos)
     if (gaps < 1e-3).any():
-        problems.append(f"4D data: {int((gaps < 1e-3).sum()) + 1} images share a slice position (several time points or echoes?); "
-                        "expected one 3D volume")
+        problems.append(f"4D data: {int((gaps < 1e-3).sum()) + 1} images share a slice position "
+                        "(several time points or echoes?); expected one 3D volume")
     elif len(gaps):
         step = float(np.median(gaps))
         tol = max(0.01 * step, 1e-3)
@@ -210,7 +218,8 @@ def _load_dicom(path: Path, files: list[Path], series_uid: str | None, dtype) ->
             raise input_error(path, f"series_uid {series_uid!r} not found; series here: {_series_summary(groups)}")
         chosen = groups[series_uid]
     elif len(groups) > 1:
-        raise input_error(path, f"several DICOM series ({len(groups)}): {_series_summary(groups)}; pass series_uid= to choose one")
+        raise input_error(path, f"several DICOM series ({len(groups)}): {_series_summary(groups)}; "
+                                "pass series_uid= to choose one")
     else:
         chosen = next(iter(groups.values()))
     ordered = _order_series(path, chosen)
@@ -256,16 +265,20 @@ def load_volume(path: str | Path, series_uid: str | None = None, dtype=np.float3
         image = sitk.ReadImage(str(path))
     except RuntimeError:
         raise input_error(path, f"unreadable file format; {_EXPECTED}") from None
-    return _sitk_to_volume(path, image, dtype, allow_single_slice=False, modality=None, fmt=path.suffix.lstrip(".").lower())
+    return _sitk_to_volume(path, image, dtype, allow_single_slice=False, modality=None,
+                           fmt=path.suffix.lstrip(".").lower())
 
 
 class LoadVolume(Transform):
     """Load a 3D medical volume as a ``MetaTensor`` ``(1, X, Y, Z)`` with a RAS affine.
 
-    NIfTI (``.nii``/``.nii.gz``) goes through MONAI's ``LoadImage`` with ``NibabelReader``; a DICOM
-    series folder (or a single DICOM file) through SimpleITK, slices ordered by their position
-    along the slice normal, the LPS geometry converted to RAS exactly as MONAI's ``ITKReader``
-    does. Other files SimpleITK reads (``.mha``, ``.nrrd``) are accepted too.
+    NIfTI (``.nii``/``.nii.gz``) is read with nibabel exactly as MONAI's ``LoadImage`` with
+    ``NibabelReader`` reads it (same voxels, affine and numeric header entries; a test checks this)
+    but keeping the file's memory order (x fastest), so that axial slices are contiguous blocks;
+    a DICOM series folder (or a single DICOM file) through SimpleITK, slices ordered by their
+    position along the slice normal, rescale slope/intercept applied (CT in HU), the LPS
+    geometry converted to RAS as MONAI's ``ITKReader`` does. Other files SimpleITK reads
+    (``.mha``, ``.nrrd``) are accepted too.
 
     Metadata: ``filename_or_obj``, ``spatial_shape`` ``(X, Y, Z)``, ``original_affine``, ``space``
     ("RAS"), ``modality`` (DICOM Modality, ``None`` for NIfTI), ``format``; for DICOM also
@@ -306,20 +319,22 @@ def scale_intensity(img: Any, mode: str = "mri", lower: float = 0.5, upper: floa
     x = img.as_tensor()
     mode = str(mode).lower()
     if mode == "ct":
+        named = preset if window is None else None
         if window is None:
             if preset is None or preset not in CT_WINDOWS:
-                raise input_error(None, f"mode='ct' needs window=(level, width) or preset= one of {sorted(CT_WINDOWS)}; got preset={preset!r}")
+                raise input_error(None, f"mode='ct' needs window=(level, width) or preset= one of "
+                                        f"{sorted(CT_WINDOWS)}; got preset={preset!r}")
             window = CT_WINDOWS[preset]
         level, width = float(window[0]), float(window[1])
         if width <= 0:
             raise input_error(None, f"CT window width must be > 0, got {width}")
         lo, hi = level - width / 2.0, level + width / 2.0
-        name = f"ct window {preset + ' ' if preset and preset in CT_WINDOWS else ''}(level {level:g}, width {width:g})"
+        name = f"ct window {named + ' ' if named else ''}(level {level:g}, width {width:g})"
     elif mode == "mri":
         if not 0.0 <= lower < upper <= 100.0:
             raise input_error(None, f"percentiles must satisfy 0 <= lower < upper <= 100, got ({lower}, {upper})")
-        arr = x.detach().cpu().numpy()
-        fg = arr[arr != 0]
+        flat = np.ravel(x.detach().cpu().numpy(), order="K")  # memory order: a view, read sequentially
+        fg = flat[flat != 0]
         if fg.size:
             lo, hi = (float(v) for v in np.percentile(fg, [lower, upper], overwrite_input=True))
         else:
@@ -385,9 +400,10 @@ def slice_info(volume: MetaTensor, axis: str = "axial", orientation: str = "RAS"
     (``nibabel.orientations.io_orientation``), whatever the array order. Slices are taken along
     the canonical axis normal to ``axis`` ("axial": S-I, "coronal": A-P, "sagittal": R-L), index
     0 at the first end of that axis in ``orientation``; a slice's rows and columns are the two
-    other canonical axes in order. With "RAS", an axial slice is ``ras[:, :, k]``: rows go to the
-    patient's right, columns anterior (``orientation="PLS"`` gives the radiological display,
-    anterior up and patient right on the image's left).
+    other canonical axes in order. With "RAS", axial slice ``k`` is ``ras[:, :, k]``: the row index
+    grows toward the patient's right, the column index toward anterior, ``k`` toward superior
+    (``orientation="PLS"`` gives the radiological display instead: anterior at the top, the
+    patient's right on the image's left).
 
     Args:
         volume: ``MetaTensor`` ``(C, X, Y, Z)`` with its affine.
@@ -409,9 +425,10 @@ def slice_info(volume: MetaTensor, axis: str = "axial", orientation: str = "RAS"
     codes = tuple(str(orientation).upper())
     try:
         target = nio.axcodes2ornt(codes)
-        assert len(codes) == 3 and sorted(target[:, 0].tolist()) == [0, 1, 2]
     except Exception:  # noqa: BLE001
-        raise input_error(path, f"bad orientation {orientation!r}; expected 3 axis codes like 'RAS' or 'LPS'") from None
+        target = np.zeros((0, 2))
+    if len(codes) != 3 or sorted(target[:, 0].tolist()) != [0, 1, 2]:
+        raise input_error(path, f"bad orientation {orientation!r}; expected 3 axis codes like 'RAS' or 'LPS'")
     if volume.ndim != 4:
         raise input_error(path, f"expected a volume (C, X, Y, Z), got shape {tuple(volume.shape)}")
     affine = _check_affine(path, np.asarray(volume.affine.detach().cpu(), dtype=np.float64))
@@ -432,7 +449,7 @@ def slice_info(volume: MetaTensor, axis: str = "axial", orientation: str = "RAS"
             "slice_shape": (cshape[plane[0]], cshape[plane[1]]),
             "spatial_size": None if spatial_size is None else tuple(int(s) for s in spatial_size),
             "affine": affine, "canonical_affine": affine @ to_input,
-            "meta": {k: v for k, v in getattr(volume, "meta", {}).items() if k not in ("affine", "intensity_normalisation")}}
+            "meta": {k: v for k, v in getattr(volume, "meta", {}).items() if k != "affine"}}
 
 
 def slice_affine(info: dict, index: int) -> np.ndarray:
@@ -450,6 +467,28 @@ def slice_affine(info: dict, index: int) -> np.ndarray:
 
 def _canonical_view(x: torch.Tensor, info: dict) -> torch.Tensor:
     return x.permute(0, *(1 + p for p in info["perm"]))  # (C, c0, c1, c2), flips not applied
+
+
+def _canonical_numpy(a: np.ndarray, info: dict) -> np.ndarray:
+    """``(n, C, h, w)`` numpy view of a ``(C, X, Y, Z)`` array in canonical order (flips as negative strides)."""
+    v = a.transpose(0, *(1 + p for p in info["perm"]))
+    v = v[(slice(None),) + tuple(slice(None, None, -1) if f else slice(None) for f in info["flip"])]
+    return np.moveaxis(v, 1 + info["slice_dim"], 0)
+
+
+def _numpy_or_none(x: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a CPU tensor (fast strided copies), ``None`` on GPU or for dtypes numpy lacks."""
+    if x.device.type != "cpu":
+        return None
+    try:
+        return x.detach().numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _rows(ks: Sequence[int]):
+    """An index for ``ks`` along axis 0: a slice when they are consecutive (a view), else an array."""
+    return slice(ks[0], ks[0] + len(ks)) if list(ks) == list(range(ks[0], ks[0] + len(ks))) else np.asarray(ks)
 
 
 def _source_index(info: dict, k: int) -> int:
@@ -471,21 +510,34 @@ def _resize(chunk: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor
 def slice_foreground(volume: torch.Tensor, info: dict, fg_threshold: float = 0.05, chunk_size: int = 32) -> torch.Tensor:
     """Fraction of each canonical slice's voxels above ``min + fg_threshold * (max - min)`` of the volume.
 
-    Returns: float tensor ``(num_slices,)`` indexed by canonical slice index.
+    Args: volume: ``(C, X, Y, Z)``; info: from :func:`slice_info`; chunk_size: slabs at a time.
+    Returns: float64 tensor ``(num_slices,)`` indexed by canonical slice index.
     """
     x = torch.as_tensor(volume)
-    lo, hi = float(x.min()), float(x.max())
+    a = _numpy_or_none(x)
+    lo, hi = (float(a.min()), float(a.max())) if a is not None else (float(x.min()), float(x.max()))
     thr = lo + fg_threshold * (hi - lo)
-    dim = 1 + info["perm"][info["slice_dim"]]
-    n = info["num_slices"]
-    counts = torch.empty(n, dtype=torch.float64)
-    other = [d for d in range(4) if d != dim]
-    for start in range(0, n, chunk_size):
-        sub = x.narrow(dim, start, min(chunk_size, n - start))
-        counts[start:start + sub.shape[dim]] = (sub > thr).sum(dim=other).double().cpu()
+    dim, n = 1 + info["perm"][info["slice_dim"]], info["num_slices"]
+    if a is None:
+        counts = (x > thr).sum(dim=[d for d in range(4) if d != dim]).double().cpu()
+    else:  # read memory in order: slice by slice if slices are contiguous, else slabs along the slowest axis
+        big = max(range(4), key=lambda d: (a.shape[d] > 1, a.strides[d]))
+        others = tuple(d for d in range(4) if d != dim)
+        if big == dim:
+            at = [slice(None)] * 4
+            counts_np = np.zeros(n, dtype=np.int64)
+            for i in range(n):
+                at[dim] = i
+                counts_np[i] = np.count_nonzero(a[tuple(at)] > thr)
+        else:
+            counts_np = np.zeros(n, dtype=np.int64)
+            for start in range(0, a.shape[big], chunk_size):
+                index = [slice(None)] * 4
+                index[big] = slice(start, start + chunk_size)
+                counts_np += (a[tuple(index)] > thr).sum(axis=others)
+        counts = torch.from_numpy(counts_np).double()
     fractions = counts / (x.numel() / n)
-    src = torch.as_tensor([_source_index(info, k) for k in range(n)])
-    return fractions[src]
+    return fractions[torch.as_tensor([_source_index(info, k) for k in range(n)])]
 
 
 def volume_to_slices(volume: Any, axis: str = "axial", *, orientation: str = "RAS",
@@ -511,7 +563,7 @@ def volume_to_slices(volume: Any, axis: str = "axial", *, orientation: str = "RA
         chunk_size: slices processed at a time.
 
     Returns:
-        ``(slices (N, C, H, W), indices (N canonical slice indices, ascending), info)``.
+        ``(slices (N, C, H, W), indices (N canonical slice indices), info)``.
     """
     vol = _as_meta(volume)
     info = slice_info(vol, axis, orientation, spatial_size)
@@ -525,16 +577,24 @@ def volume_to_slices(volume: Any, axis: str = "axial", *, orientation: str = "RA
     else:
         fractions = slice_foreground(x, info, fg_threshold, chunk_size)
         kept = [k for k in range(n) if float(fractions[k]) >= min_foreground]
-    h, w = info["slice_shape"]
-    size = info["spatial_size"] or (h, w)
+    size = info["spatial_size"] or info["slice_shape"]
     out = torch.empty((len(kept), x.shape[0], *size), device=x.device,
                       dtype=x.dtype if mode == "nearest" else torch.float32)
-    view, dim, flips = _canonical_view(x, info), 1 + info["slice_dim"], _plane_flips(info)
+    a = _numpy_or_none(x)
+    view = _canonical_numpy(a, info) if a is not None else _canonical_view(x, info)
+    dim, flips = 1 + info["slice_dim"], _plane_flips(info)
     for start in range(0, len(kept), chunk_size):
         ks = kept[start:start + chunk_size]
-        src = torch.as_tensor([_source_index(info, k) for k in ks], device=x.device)
-        chunk = view.index_select(dim, src).movedim(dim, 0)  # (B, C, h, w)
-        out[start:start + len(ks)] = _resize(chunk.flip(flips) if flips else chunk, size, mode)
+        if a is not None and tuple(size) == tuple(info["slice_shape"]):
+            out.numpy()[start:start + len(ks)] = view[_rows(ks)]
+            continue
+        if a is not None:
+            chunk = torch.from_numpy(np.ascontiguousarray(view[_rows(ks)]))
+        else:
+            src = torch.as_tensor([_source_index(info, k) for k in ks], device=x.device)
+            chunk = view.index_select(dim, src).movedim(dim, 0)  # (B, C, h, w)
+            chunk = chunk.flip(flips) if flips else chunk
+        out[start:start + len(ks)] = _resize(chunk, size, mode)
     return out, kept, info
 
 
@@ -543,7 +603,8 @@ def slices_to_volume(slice_maps: Any, indices: Sequence[int], info: dict, mode: 
     """Put per-slice 2D maps back on the original volume grid (the inverse of :func:`volume_to_slices`).
 
     Undoes the resize (to the native ``(h, w)``), puts slice ``indices[i]`` in place (slices not
-    given are ``fill``), undoes the reorientation. Memory: the output volume plus one chunk.
+    given are ``fill``), undoes the reorientation. Memory: the output volume plus one chunk; the
+    output's memory order has the slice axis slowest (its strides may not be C-contiguous).
 
     Args:
         slice_maps: ``(N, C, H, W)`` (or ``(N, H, W)``) maps, in any size.
@@ -560,18 +621,29 @@ def slices_to_volume(slice_maps: Any, indices: Sequence[int], info: dict, mode: 
     indices = [int(k) for k in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
     n = info["num_slices"]
     if maps.ndim != 4 or maps.shape[0] != len(indices):
-        raise input_error(None, f"slice maps must be (N, C, H, W) with N = len(indices) = {len(indices)}, got {tuple(maps.shape)}")
+        raise input_error(None, f"slice maps must be (N, C, H, W) with N = len(indices) = {len(indices)}, "
+                                f"got {tuple(maps.shape)}")
     if any(k < 0 or k >= n for k in indices) or len(set(indices)) != len(indices):
         raise input_error(None, f"slice indices must be distinct and lie in [0, {n}), got {indices}")
     dtype = maps.dtype if (mode == "nearest" or maps.is_floating_point()) else torch.float32
-    out = torch.full((maps.shape[1], *info["spatial_shape"]), fill, dtype=dtype, device=maps.device)
-    view, dim, flips = _canonical_view(out, info), 1 + info["slice_dim"], _plane_flips(info)
+    order = [info["perm"][info["slice_dim"]]] + [info["perm"][d] for d in info["plane_dims"]]  # slowest first
+    shape = info["spatial_shape"]
+    buf = torch.full((maps.shape[1], *(shape[p] for p in order)), fill, dtype=dtype, device=maps.device)
+    out = buf.permute(0, *(1 + order.index(i) for i in range(3)))  # (C, X, Y, Z)
+    a = _numpy_or_none(out)
+    view = _canonical_numpy(a, info) if a is not None else _canonical_view(out, info)
+    dim, flips = 1 + info["slice_dim"], _plane_flips(info)
     for start in range(0, len(indices), chunk_size):
-        chunk = _resize(maps[start:start + chunk_size], info["slice_shape"], mode)
+        ks = indices[start:start + chunk_size]
+        chunk = _resize(maps[start:start + len(ks)], info["slice_shape"], mode).to(dtype)
+        if a is not None:
+            view[_rows(ks)] = chunk.detach().cpu().numpy()
+            continue
         chunk = chunk.flip(flips) if flips else chunk
-        for j, k in enumerate(indices[start:start + chunk_size]):
+        for j, k in enumerate(ks):
             view.select(dim, _source_index(info, k)).copy_(chunk[j])
-    return MetaTensor(out, affine=torch.as_tensor(info["affine"]), meta=dict(info["meta"]))
+    meta = {k: v for k, v in info["meta"].items() if k != "intensity_normalisation"}  # the maps are not intensities
+    return MetaTensor(out, affine=torch.as_tensor(info["affine"]), meta=meta)
 
 
 def _info_from_slice(item: Any) -> tuple[int, dict] | None:
@@ -598,7 +670,8 @@ class VolumeToSlices(InvertibleTransform):
                  mode: str = "bilinear", min_foreground: float = 0.01, fg_threshold: float = 0.05,
                  keep_all: bool = False, chunk_size: int = 32) -> None:
         self.axis, self.orientation, self.spatial_size, self.mode = axis, orientation, spatial_size, mode
-        self.min_foreground, self.fg_threshold, self.keep_all, self.chunk_size = min_foreground, fg_threshold, keep_all, chunk_size
+        self.min_foreground, self.fg_threshold = min_foreground, fg_threshold
+        self.keep_all, self.chunk_size = keep_all, chunk_size
 
     def slices(self, img: Any, indices: Sequence[int] | None = None, mode: str | None = None):
         """The function form: ``(slices (N, C, H, W), indices, info)``."""
@@ -660,8 +733,11 @@ class SlicesToVolume(Transform):
                 indices = [int(m.meta["slice_index"]) if r is None else r[0] for m, r in zip(slice_maps, recorded)]
             if reference is None and recorded and recorded[0] is not None:
                 reference = recorded[0][1]
-            slice_maps = torch.stack([torch.as_tensor(m) for m in slice_maps]) if len(slice_maps) else torch.zeros(0, 1, 1, 1)
+            if not slice_maps:
+                raise input_error(None, "no slices to put back into a volume")
+            slice_maps = torch.stack([torch.as_tensor(m) for m in slice_maps])
         if indices is None or reference is None:
-            raise input_error(None, "SlicesToVolume needs the slice indices and a reference (the slicing info or the original volume)")
+            raise input_error(None, "SlicesToVolume needs the slice indices and a reference "
+                                    "(the slicing info or the original volume)")
         info = reference if isinstance(reference, dict) else slice_info(_as_meta(reference), self.axis, self.orientation)
         return slices_to_volume(slice_maps, indices, info, self.mode, self.fill)

@@ -1,0 +1,182 @@
+"""Training, evaluation and prediction end to end, through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from monai_multiad.cli import main
+from monai_multiad.config import RunConfig
+from monai_multiad.data.synthetic_images import write_mvtec_dataset
+from monai_multiad.errors import MultiADInputError
+from monai_multiad.workflow import load_model, train
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY = ["--image-size", "64", "--batch-size", "8", "--early-stop-patience", "0", "--discriminator-channels", "16", "32",
+        "--device", "cpu", "--val-fraction", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory) -> Path:
+    return write_mvtec_dataset(tmp_path_factory.mktemp("data") / "tex", n_train=24, n_test_good=6, n_test_defect=6,
+                               size=64, channels=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(textures, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", str(textures), "--run-dir", str(run), "--epochs", "2", *TINY]) == 0
+    return run
+
+
+def test_student_trained_on_normals_scores_planted_defects_higher(textures, tmp_path):
+    """A few dozen steps of distillation on normal textures: defects score above normals."""
+    cfg = RunConfig(dataset_dir=str(textures), image_size=64, batch_size=8, epochs=20, max_steps=36,
+                    early_stop_patience=0, discriminator_channels=(16, 32), device="cpu", val_fraction=0.2)
+    train(cfg, tmp_path / "run", progress=False)
+    model, _, _ = load_model(tmp_path / "run")
+    from monai_multiad.data.images import AnomalyImageDataset, samples_for
+
+    ds = AnomalyImageDataset(samples_for(textures, "test"), image_size=64)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    labels = np.array([ds[i]["label"] for i in range(len(ds))])
+    with torch.no_grad():
+        amap, scores = model(images)
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+    assert roc_auc_score(labels, scores.numpy()) >= 0.8
+    # the map is hottest on the defect: mean map inside the masks beats outside
+    masks = torch.stack([ds[i]["mask"] for i in range(len(ds))]) > 0.5
+    assert float(amap[masks].mean()) > float(amap[~masks].mean())
+
+
+def test_run_folder_contents(trained_run):
+    for name in ("config.json", "model.pt", "log.csv", "metrics.json"):
+        assert (trained_run / name).is_file(), name
+    assert list((trained_run / "checkpoints").glob("last_checkpoint_*.pt"))
+    assert list((trained_run / "checkpoints").glob("best_checkpoint_*.pt"))
+    summary = json.loads((trained_run / "metrics.json").read_text())["training"]
+    assert summary["epochs"] == 2 and summary["fusion"]["threshold"] > 0
+    model, cfg, fusion = load_model(trained_run)
+    assert cfg.image_size == 64 and model.fusion.fitted
+    assert torch.allclose(model.fusion.scale, torch.tensor(fusion["stage_means"]))
+
+
+def test_evaluate_metrics_match_sklearn(trained_run, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(trained_run), "--out", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["evaluation"]
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 12
+    labels = [int(r["label"]) for r in rows]
+    scores = [float(r["score"]) for r in rows]
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    for key in ("pixel_auroc", "aupro", "f1_max"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert (out / "contact_sheet.png").stat().st_size > 0
+
+
+def test_predict_writes_overlays_at_original_size(trained_run, textures, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "in" / "big.png"
+    big.parent.mkdir()
+    Image.open(next((textures / "test" / "good").glob("*.png"))).resize((90, 70)).save(big)
+    broken = tmp_path / "in" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "pred"
+    code = main(["predict", str(tmp_path / "in"), "--run", str(trained_run), "--out", str(out), "--device", "cpu"])
+    assert code == 1  # one image failed, the other was still scored
+    results = {Path(r["path"]).name: r for r in json.loads((out / "predictions.json").read_text())}
+    assert "broken.png" in results["broken.png"]["error"]
+    assert Image.open(results["big.png"]["overlay"]).size == (90, 70)
+    assert isinstance(results["big.png"]["anomalous"], bool)
+
+
+def test_resume_continues_from_last_epoch(textures, trained_run, tmp_path):
+    run = tmp_path / "resumed"
+    assert main(["train", str(textures), "--run-dir", str(run), "--epochs", "3", "--resume", str(trained_run), *TINY]) == 0
+    log = list(csv.DictReader((run / "log.csv").open()))
+    assert [int(r["epoch"]) for r in log] == [3]
+    assert json.loads((run / "metrics.json").read_text())["training"]["epochs"] == 3
+
+
+def test_resume_from_another_backbone_is_a_clear_error(textures, trained_run, tmp_path, capsys):
+    code = main(["train", str(textures), "--run-dir", str(tmp_path / "r"), "--resume", str(trained_run),
+                 "--backbone", "resnet18", "--pretrained", "none", *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "last_checkpoint" in err and "backbone" in err
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda p: p / "missing", "not found"),
+    (lambda p: p, "layout"),
+])
+def test_bad_dataset_folder(tmp_path, capsys, make, expect):
+    (tmp_path / "something.txt").write_text("x")
+    code = main(["train", str(make(tmp_path)), "--run-dir", str(tmp_path / "run"), *TINY])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("multiad: error:") and str(tmp_path) in err and expect in err.lower()
+    assert len(err.splitlines()) == 1
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(MultiADInputError, match="backbone"):
+        RunConfig(backbone="vgg")
+    with pytest.raises(MultiADInputError, match="epochs"):
+        RunConfig.from_dict({"epochs": "ten"})
+    with pytest.raises(MultiADInputError, match="unknown option"):
+        RunConfig.from_dict({"epoch": 3})
+
+
+def test_load_model_rejects_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "model.pt")
+    with pytest.raises(MultiADInputError, match="model.pt"):
+        load_model(tmp_path)
+    with pytest.raises(MultiADInputError, match="no trained model"):
+        load_model(tmp_path / "nothing")
+
+
+def test_every_train_option_is_documented_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in RunConfig.__dataclass_fields__:
+        if f != "dataset_dir":
+            assert "--" + f.replace("_", "-") in text, f
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "magnetic_tile").is_dir(), reason=f"{SHARED_DATA / 'magnetic_tile'} absent")
+def test_magnetic_tile_brief_training_beats_chance(tmp_path):
+    """Real defects: a short run on a subset of ../shared/data/magnetic_tile (linked, not copied)."""
+    src = SHARED_DATA / "magnetic_tile"
+    root = tmp_path / "mt"
+    rng = np.random.default_rng(0)
+    picks = {"train/good": 48, "test/good": 24}
+    for defect in ("blowhole", "break", "crack", "fray", "uneven"):
+        picks[f"test/{defect}"] = 6
+    for sub, n in picks.items():
+        files = sorted((src / sub).glob("*.jpg"))
+        (root / sub).mkdir(parents=True)
+        for f in rng.choice(files, size=min(n, len(files)), replace=False):
+            os.symlink(f, root / sub / f.name)
+            if sub.startswith("test/") and not sub.endswith("good"):
+                gt = src / "ground_truth" / sub[5:] / f"{f.stem}_mask.png"
+                (root / "ground_truth" / sub[5:]).mkdir(parents=True, exist_ok=True)
+                os.symlink(gt, root / "ground_truth" / sub[5:] / gt.name)
+    cfg = RunConfig(dataset_dir=str(root), image_size=128, in_channels=1, batch_size=8, epochs=20, max_steps=40,
+                    early_stop_patience=0, discriminator_channels=(32, 64), device="cpu", val_fraction=0.15)
+    train(cfg, tmp_path / "run", progress=False)
+    from monai_multiad.inference import evaluate
+
+    metrics = evaluate(tmp_path / "run", device="cpu")
+    assert metrics["image_auroc"] > 0.65, metrics
