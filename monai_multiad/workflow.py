@@ -163,7 +163,7 @@ def check_compatible(checkpoint_cfg: dict[str, Any], cfg: RunConfig, source: str
     diff = [
         f"{k}={checkpoint_cfg.get(k)!r} (this run: {getattr(cfg, k)!r})"
         for k in MODEL_KEYS
-        if k in checkpoint_cfg and checkpoint_cfg[k] != getattr(cfg, k) and list(checkpoint_cfg[k] or []) != getattr(cfg, k)
+        if k in checkpoint_cfg and checkpoint_cfg[k] != getattr(cfg, k)
     ]
     if diff:
         raise WeightsError(f"{source}: checkpoint was made with {', '.join(diff)}")
@@ -217,7 +217,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         raise MultiADInputError(f"{cfg.dataset_dir}: no normal training images")
     network = build_network(cfg).to(device)
     loader = build_loader(train_ds, cfg, shuffle=True)
-    val_loader = build_loader(val_ds, cfg, shuffle=False)
+    # every rank validates and fits the fusion on all held-out normals (not a DistributedSampler shard)
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     trainer = build_trainer(cfg, network, loader, device)
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +230,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     ckpt_dir = run_dir / "checkpoints"
     last = Checkpoint(to_save, DiskSaver(ckpt_dir, require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
     val_engine = validation_loss(network, device)
+    if idist.get_world_size() > 1:  # one val loss on all ranks: early stopping and "best" agree
+        val_engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(
+            val_loss=float(idist.broadcast(e.state.metrics["val_loss"], src=0))))
     best_objects = {k: v for k, v in to_save.items() if k in ("student", "discriminator")}
     best = Checkpoint(
         best_objects,
@@ -239,7 +243,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         n_saved=1,
         global_step_transform=lambda *_: trainer.state.epoch,
     )
-    log = _EpochLog(run_dir / "log.csv", run_dir / "tensorboard")
+    log = _EpochLog(run_dir / "log.csv", run_dir / "tensorboard" if rank0 else None)
     epoch_start = [time.perf_counter()]
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, log.iteration)
@@ -278,7 +282,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     summary = {
         "epochs": trainer.state.epoch,
         "iterations": trainer.state.iteration,
-        "best_val_loss": -best._saved[-1].priority if best._saved else None,
+        "best_val_loss": min((r["val_loss"] for r in log.rows), default=None),
         "train_seconds": round(train_seconds, 1),
         "train_images": len(train_ds),
         "val_images": len(val_ds),

@@ -29,7 +29,7 @@ def stage_anomaly_maps(
     maps = [
         F.interpolate(
             1.0 - F.cosine_similarity(t, s, dim=1, eps=1e-6).unsqueeze(1),
-            size=(int(size[0]), int(size[1])),
+            size=(size[0], size[1]),  # not int(): a traced export keeps the size dynamic
             mode="bilinear",
             align_corners=False,
         )

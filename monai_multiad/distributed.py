@@ -1,0 +1,179 @@
+"""Data-parallel training: :func:`monai_multiad.workflow.train` in several processes with
+``ignite.distributed`` (DistributedDataParallel student and discriminator, sharded training batches).
+
+Two ways to start it, with the same options as ``multiad train``:
+
+* spawned from one process: ``multiad train DATASET --run-dir RUN --nproc N`` or
+  :func:`train_distributed` (``python -m monai_multiad.distributed DATASET --run-dir RUN --nproc N``);
+* under torchrun (also several nodes)::
+
+      torchrun --nproc_per_node=N -m monai_multiad.distributed DATASET --run-dir RUN [multiad train options]
+
+  each process then joins the group torchrun describes in its environment (``RANK``,
+  ``WORLD_SIZE``, ``MASTER_ADDR``...) through ``idist.Parallel(backend=...)``.
+
+The backend is ``nccl`` when CUDA has a GPU per process, else ``gloo`` (CPU). ``cfg.batch_size``
+is the global batch: ``idist.auto_dataloader`` gives each of the N processes ``batch_size // N``.
+Rank 0 writes the run folder and its summary is the one returned / printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import ignite.distributed as idist
+import torch
+
+from monai_multiad.config import RunConfig
+from monai_multiad.errors import MultiADInputError
+
+__all__ = ["default_backend", "train_distributed", "main"]
+
+logger = logging.getLogger("monai_multiad")
+
+
+def default_backend(nproc: int, device: str = "auto") -> str:
+    """``"nccl"`` when CUDA has at least ``nproc`` GPUs (and ``device`` is not ``"cpu"``), else ``"gloo"``."""
+    if (
+        device != "cpu"
+        and torch.cuda.is_available()
+        and torch.cuda.device_count() >= nproc
+        and "nccl" in idist.available_backends()
+    ):
+        return "nccl"
+    return "gloo"
+
+
+def _free_port() -> int:
+    """A TCP port free now on this host, for the spawned group's rendezvous (not the fixed 2222)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _setup_rank(verbose: bool = False) -> None:
+    """Per-process logging (rank 0 logs the epochs) and CPU threads shared among local processes."""
+    rank0 = idist.get_rank() == 0
+    logging.basicConfig(level=logging.INFO if verbose and rank0 else logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO if rank0 else logging.WARNING)
+    if idist.backend() == "gloo" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(idist.get_nproc_per_node(), 1)))
+
+
+def _worker(
+    local_rank: int, cfg: dict, run_dir: str, resume: str | None, summary_file: str, error_file: str, verbose: bool
+) -> None:
+    """One spawned process: train, then rank 0 writes its summary where the parent reads it."""
+    from monai_multiad.workflow import train
+
+    _setup_rank(verbose)
+    try:
+        summary = train(RunConfig.from_dict(cfg), run_dir, resume=resume)
+    except MultiADInputError as e:
+        Path(error_file).write_text(str(e))
+        raise
+    if idist.get_rank() == 0:
+        Path(summary_file).write_text(json.dumps(summary))
+
+
+def train_distributed(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    nproc: int,
+    resume: str | Path | None = None,
+    backend: str | None = None,
+    verbose: bool = False,
+) -> dict:
+    """Train with ``nproc`` spawned processes (``idist.Parallel(backend, nproc_per_node=nproc)``).
+
+    Args:
+        cfg: the run's options (``batch_size`` is the global batch).
+        run_dir: the run folder, written by rank 0 as :func:`~monai_multiad.workflow.train` does.
+        nproc: processes on this machine (one per GPU with nccl); 1 trains in this process.
+        resume: a run folder or checkpoint to continue from (every rank loads it).
+        backend: ``"gloo"`` or ``"nccl"``; ``None``: :func:`default_backend`.
+        verbose: rank 0 logs at INFO level (as ``multiad -v``); epochs are logged either way.
+
+    Returns:
+        Rank 0's training summary (what ``metrics.json`` holds under ``"training"``).
+
+    Raises:
+        MultiADInputError: a rank's input error (dataset, options), re-raised here with its message.
+    """
+    if nproc < 1:
+        raise MultiADInputError(f"nproc must be at least 1, got {nproc}")
+    if nproc == 1 and backend is None:
+        from monai_multiad.workflow import train
+
+        return train(cfg, run_dir, resume=resume)
+    backend = backend or default_backend(nproc, cfg.device)
+    if backend not in idist.available_backends():
+        raise MultiADInputError(f"backend {backend!r} is not available here: {', '.join(idist.available_backends())}")
+    if backend == "nccl" and torch.cuda.device_count() < nproc:
+        raise MultiADInputError(f"{nproc} processes with nccl need {nproc} GPUs, found {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory(prefix="multiad_ddp_") as tmp:
+        summary_file, error_file = Path(tmp) / "summary.json", Path(tmp) / "error.txt"
+        args = (cfg.to_dict(), str(run_dir), None if resume is None else str(resume), str(summary_file),
+                str(error_file), verbose)
+        try:
+            with idist.Parallel(backend=backend, nproc_per_node=nproc, master_port=_free_port()) as parallel:
+                parallel.run(_worker, *args)
+        except Exception as e:
+            if error_file.is_file():
+                raise MultiADInputError(error_file.read_text()) from None
+            raise RuntimeError(f"distributed training failed ({type(e).__name__}): {e}") from e
+        if not summary_file.is_file():
+            raise RuntimeError("distributed training ended without rank 0's summary")
+        return json.loads(summary_file.read_text())
+
+
+def _launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m monai_multiad.distributed`` takes ``multiad train``'s arguments (the CLI's own
+    parser, so the two cannot drift). Under torchrun each process joins the group from the
+    environment; otherwise ``--nproc N`` spawns N processes like ``multiad train --nproc N``."""
+    from monai_multiad.cli import _config_from_args, build_parser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = [a for a in argv if a in ("-v", "--verbose")]  # `multiad -v train ...`'s flag, accepted anywhere
+    parser = build_parser()
+    parser.prog = "python -m monai_multiad.distributed"
+    args = parser.parse_args([*verbose[:1], "train", *(a for a in argv if a not in verbose)])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        cfg = _config_from_args(args, RunConfig.load(args.config) if args.config else None)
+        if _launched_by_torchrun():
+            if args.nproc > 1:
+                raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+            with idist.Parallel(backend=default_backend(local_world, cfg.device)):
+                _setup_rank(args.verbose)
+                from monai_multiad.workflow import train
+
+                summary = train(cfg, args.run_dir, resume=args.resume)
+                rank0, processes = idist.get_rank() == 0, idist.get_world_size()
+        else:
+            summary = train_distributed(cfg, args.run_dir, max(args.nproc, 1), resume=args.resume,
+                                        verbose=args.verbose)
+            rank0, processes = True, max(args.nproc, 1)
+    except MultiADInputError as e:
+        print(f"multiad: error: {e}", file=sys.stderr)
+        return 2
+    if rank0:
+        print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
+              f"{summary['train_seconds']} s on {summary['device']}, {processes} process(es); "
+              f"run folder: {args.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

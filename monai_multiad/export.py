@@ -1,0 +1,266 @@
+"""Export a trained Multi-AD network for deployment: TorchScript, ONNX, and a state-dict file for
+MONAI bundles' ``ckpt_export``.
+
+Every exported graph takes what the trained model takes, an image batch ``(B, C, H, W)`` float32
+in [0, 1] (C = the run's ``in_channels``), and returns ``(anomaly_map (B, 1, H, W), score (B,))``
+with the fusion statistics (``fusion.scale``, ``fusion.threshold``) baked in. The batch axis is
+dynamic; the spatial size is the one exported at (``image_size``, the run's training size):
+``stage_anomaly_maps`` turns the input size into Python ints, which tracing records as constants
+(the TorchScript file refuses other sizes, see :class:`ShapeGuard`; ONNX declares them fixed).
+
+Notes on what had to be worked around (and why the exported graphs still equal the model):
+
+* ``torch.jit.script`` fails on the backbones (``for layer in (n.layer1, ...)`` over a tuple of
+  modules) and on ``MultiAD.forward``'s train/eval return types, so TorchScript uses
+  ``torch.jit.trace``; traced at batch 2, the graph runs any batch size.
+* The legacy (TorchScript-based) ONNX exporter is used (``dynamo=False``; the dynamo exporter
+  needs ``onnxscript``). It cannot export MONAI's ``GaussianFilter`` (its kernel and padding are
+  computed from the sigma parameter at run time, so Conv gets a kernel of unknown shape): the
+  export copy gets :class:`FixedGaussian2d`, the same separable kernels as constants.
+* The legacy exporter's ``aten::cosine_similarity`` clamps ``|x1| * |x2|`` to ``eps`` while
+  PyTorch clamps each norm separately; they differ where a feature norm is tiny (an untrained
+  student's deep features). A faithful symbolic is registered for the duration of the export.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
+from torch import nn
+
+from monai_multiad.networks import MultiAD
+
+__all__ = [
+    "FixedGaussian2d",
+    "ShapeGuard",
+    "export_onnx",
+    "export_torchscript",
+    "inference_copy",
+    "network_def_config",
+    "resolve_model",
+    "save_state_dict",
+]
+
+
+def resolve_model(model_or_run: MultiAD | str | Path) -> MultiAD:
+    """A :class:`MultiAD`, or the one in a run folder / ``model.pt`` (``workflow.load_model``)."""
+    if isinstance(model_or_run, MultiAD):
+        return model_or_run
+    from monai_multiad.workflow import load_model
+
+    return load_model(model_or_run, "cpu")[0]
+
+
+def inference_copy(model: MultiAD) -> MultiAD:
+    """A CPU copy for export: eval mode, no gradients, input checks off, no discriminator
+    (inference never calls it). The original model is left untouched."""
+    net = copy.deepcopy(model).cpu()
+    net.check_inputs = False
+    net.discriminator = None
+    net.requires_grad_(False)
+    return net.eval()
+
+
+class FixedGaussian2d(nn.Module):
+    """MONAI ``GaussianFilter`` (2D, zero padding) with its kernels frozen as buffers: the same
+    separable convolutions (H first, then W), exportable to ONNX. For one-channel maps."""
+
+    def __init__(self, gaussian: GaussianFilter) -> None:
+        super().__init__()
+        with torch.no_grad():
+            k = [gaussian_1d(s, truncated=gaussian.truncated, approx=gaussian.approx).float() for s in gaussian.sigma]
+        k_h, k_w = k[0], k[-1]
+        self.register_buffer("kernel_h", k_h.reshape(1, 1, -1, 1).clone())
+        self.register_buffer("kernel_w", k_w.reshape(1, 1, 1, -1).clone())
+        self.pad_h, self.pad_w = (k_h.numel() - 1) // 2, (k_w.numel() - 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.kernel_h, padding=(self.pad_h, 0))
+        return F.conv2d(x, self.kernel_w, padding=(0, self.pad_w))
+
+
+def _example(model: MultiAD, image_size: int, batch: int = 2) -> torch.Tensor:
+    if image_size < MultiAD.min_size:
+        raise ValueError(f"image_size must be at least {MultiAD.min_size}, got {image_size}")
+    return torch.rand(batch, model.in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+
+def _metadata(model: MultiAD, image_size: int) -> str:
+    return json.dumps({
+        "backbone": model.backbone,
+        "inputs": {"image": {"shape": ["B", model.in_channels, image_size, image_size], "range": [0, 1]}},
+        "outputs": {"anomaly_map": ["B", 1, image_size, image_size], "score": ["B"]},
+        "threshold": float(model.fusion.threshold),
+        "stage_scale": [float(s) for s in model.fusion.scale],
+    })
+
+
+class ShapeGuard(nn.Module):
+    """Scripted around the traced network: a (B, C, H, W) input of another C, H or W is an error
+    (the trace has the size baked in and would return maps of the traced size)."""
+
+    def __init__(self, net: nn.Module, channels: int, size: int) -> None:
+        super().__init__()
+        self.net, self.channels, self.size = net, channels, size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.size or x.shape[3] != self.size:
+            raise ValueError(
+                "expected an image batch (B, " + str(self.channels) + ", " + str(self.size) + ", " + str(self.size)
+                + ") in [0, 1], got shape " + str(x.shape)
+            )
+        return self.net(x)
+
+
+def export_torchscript(
+    model_or_run: MultiAD | str | Path, path: str | Path, image_size: int = 256, guard: bool = True
+) -> Path:
+    """Trace the inference network to a TorchScript file; returns its path.
+
+    ``torch.jit.load(path)(x)`` with ``x`` (B, C, image_size, image_size) in [0, 1] gives
+    ``(anomaly_map, score)`` like the model, for any B. With ``guard`` (default) the traced graph
+    is wrapped in a scripted :class:`ShapeGuard`, so another C, H or W raises an error instead of
+    silently giving maps of the traced size. The file also holds ``multiad.json`` (shapes,
+    threshold; read with ``torch.jit.load(path, _extra_files={"multiad.json": ""})``).
+    """
+    model = inference_copy(resolve_model(model_or_run))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings (sizes and sigma become constants), jit deprecation
+        module = torch.jit.trace(model, _example(model, image_size), check_trace=False)
+        if guard:
+            module = torch.jit.script(ShapeGuard(module, model.in_channels, image_size))
+    torch.jit.save(module, str(path), _extra_files={"multiad.json": _metadata(model, image_size)})
+    return path
+
+
+def _cosine_similarity_symbolic(g, x1, x2, dim, eps):
+    """``aten::cosine_similarity`` as PyTorch computes it: each norm clamped to ``eps``."""
+    from torch.onnx import symbolic_helper as sh
+
+    dim, eps = sh._get_const(dim, "i", "dim"), sh._get_const(eps, "f", "eps")
+    axes = g.op("Constant", value_t=torch.tensor([dim], dtype=torch.long))
+    eps_t = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float))
+
+    def unit(x):
+        norm = g.op("Sqrt", g.op("ReduceSum", g.op("Mul", x, x), axes, keepdims_i=1))
+        return g.op("Div", x, g.op("Max", norm, eps_t))
+
+    return g.op("ReduceSum", g.op("Mul", unit(x1), unit(x2)), axes, keepdims_i=0)
+
+
+@contextmanager
+def _faithful_cosine(opset: int):
+    torch.onnx.register_custom_op_symbolic("aten::cosine_similarity", _cosine_similarity_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::cosine_similarity", opset)
+
+
+def export_onnx(
+    model_or_run: MultiAD | str | Path, path: str | Path, image_size: int = 256, opset: int = 17
+) -> Path:
+    """Export the inference network to ONNX (legacy exporter, ``opset`` >= 13); returns the path.
+
+    Input ``"image"`` (B, C, image_size, image_size) float32 in [0, 1]; outputs
+    ``"anomaly_map"`` (B, 1, H, W) and ``"score"`` (B,); B is a dynamic axis named ``"batch"``.
+    Run it with onnxruntime (``pip install monai-multiad[onnx]``)::
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        anomaly_map, score = session.run(None, {"image": images})
+    """
+    if opset < 13:
+        raise ValueError(f"opset must be at least 13 (ReduceSum with axes as input), got {opset}")
+    model = inference_copy(resolve_model(model_or_run))
+    if isinstance(model.fusion.smooth, GaussianFilter):
+        model.fusion.smooth = FixedGaussian2d(model.fusion.smooth)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad(), _faithful_cosine(opset):
+        warnings.simplefilter("ignore")  # tracer and legacy-exporter deprecation warnings
+        torch.onnx.export(
+            model,
+            (_example(model, image_size),),
+            str(path),
+            input_names=["image"],
+            output_names=["anomaly_map", "score"],
+            dynamic_axes={"image": batch, "anomaly_map": batch, "score": batch},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+def network_def_config(model_or_run: MultiAD | str | Path) -> dict:
+    """The ``network_def`` entry of a MONAI bundle config building this network (``_target_``
+    plus its constructor arguments, ``pretrained: false`` since the weights come from the
+    checkpoint, ``check_inputs: false`` for tracing)."""
+    if isinstance(model_or_run, MultiAD):
+        m = model_or_run
+        fusion = m.fusion
+        kwargs = {
+            "backbone": m.backbone,
+            "in_channels": m.in_channels,
+            "student_se": _student_se(m),
+            "discriminator": m.discriminator is not None,
+            "fusion_mode": fusion.mode,
+            "fuse": fusion.fuse,
+            "sigma": float(fusion.smooth.sigma[0]) if isinstance(fusion.smooth, GaussianFilter) else 0.0,
+        }
+        if m.discriminator is not None:
+            kwargs["discriminator_channels"] = _discriminator_channels(m)
+    else:
+        from monai_multiad.workflow import load_model
+
+        kwargs = dict(load_model(model_or_run, "cpu")[1].model_kwargs())
+        kwargs["discriminator_channels"] = list(kwargs["discriminator_channels"])
+    return {"_target_": "monai_multiad.networks.MultiAD", **kwargs, "pretrained": False, "check_inputs": False}
+
+
+def _student_se(model: MultiAD) -> bool:
+    student = model.student  # SE-ResNet-50: the stem block; Lite0 / ResNet-18: the stage blocks
+    return not isinstance(student.stem_se if hasattr(student, "stem_se") else student.se[0], nn.Identity)
+
+
+def _discriminator_channels(model: MultiAD) -> list[int]:
+    return [m.out_channels for m in model.discriminator.features if isinstance(m, nn.Conv2d)]
+
+
+def save_state_dict(run_dir_or_model: MultiAD | str | Path, path: str | Path, key: str | None = None) -> Path:
+    """Write ``model.state_dict()`` (teacher, student, discriminator, fusion buffers) for MONAI's
+    ``ckpt_export`` / ``CheckpointLoader``; returns the path.
+
+    ``ckpt_export`` builds ``network_def`` from the bundle config (``_target_:
+    monai_multiad.networks.MultiAD`` with the run's model options, ``pretrained: false``; see
+    :func:`network_def_config`) and loads this file with ``ignite.handlers.Checkpoint.load_objects``
+    (strict): a plain state dict (``key=None``, the default, with ``--key_in_ckpt`` unset) or
+    ``{key: state_dict}`` (pass ``--key_in_ckpt key``, e.g. ``"model"`` as MONAI's
+    ``CheckpointSaver`` writes). The network cannot be scripted, so ``ckpt_export`` must trace::
+
+        python -m monai.bundle ckpt_export network_def --filepath model.ts \\
+            --ckpt_file model_state.pt --meta_file metadata.json --config_file inference.json \\
+            --use_trace True --input_shape "[1, 3, 256, 256]"
+
+    (the command line needs MONAI's optional ``fire`` package; ``monai.bundle.ckpt_export(...)``
+    with the same arguments does not). Without ``--use_trace True`` it tries ``torch.jit.script``,
+    which fails. The file gives the model's maps for any batch size (also when traced at batch 1)
+    at the traced spatial size, without :func:`export_torchscript`'s :class:`ShapeGuard`.
+    """
+    model = resolve_model(run_dir_or_model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state if key is None else {key: state}, path)
+    return path
