@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -273,8 +275,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         _resume(Path(resume), to_save, cfg)
 
     t0 = time.perf_counter()
-    trainer.run()
+    interrupted = _run_interruptibly(trainer)
     train_seconds = time.perf_counter() - t0
+    if interrupted and best.last_checkpoint is None:
+        raise KeyboardInterrupt  # nothing completed: there is no model to finish with
     if best.last_checkpoint is not None:  # the best epoch by validation loss, not the last one
         Checkpoint.load_objects(best_objects, torch.load(ckpt_dir / best.last_checkpoint, map_location=device,
                                                          weights_only=True))
@@ -284,6 +288,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         "iterations": trainer.state.iteration,
         "best_val_loss": min((r["val_loss"] for r in log.rows), default=None),
         "train_seconds": round(train_seconds, 1),
+        "interrupted": interrupted,
         "train_images": len(train_ds),
         "val_images": len(val_ds),
         "device": _device_name(device),
@@ -293,6 +298,25 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         save_model(run_dir / "model.pt", network, cfg, fusion_stats)
         write_json(run_dir / "metrics.json", {"training": summary})
     return summary
+
+
+def _run_interruptibly(trainer: MultiADTrainer) -> bool:
+    """Run the trainer; Ctrl-C or SIGTERM (a scheduler's time limit) ends training early, after
+    which the run is finished from the best completed epoch. Returns whether it was interrupted."""
+    def _sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+    try:
+        trainer.run()
+        return False
+    except KeyboardInterrupt:
+        logger.warning("training interrupted at epoch %d: finishing the run with the best completed epoch",
+                       trainer.state.epoch)
+        return True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _resume(path: Path, to_save: dict, cfg: RunConfig) -> None:
