@@ -180,3 +180,23 @@ def test_magnetic_tile_brief_training_beats_chance(tmp_path):
 
     metrics = evaluate(tmp_path / "run", device="cpu")
     assert metrics["image_auroc"] > 0.65, metrics
+
+
+def test_interrupted_training_finishes_from_best_epoch(textures, tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) mid-epoch: the run folder still gets a usable model.pt."""
+    from monai_multiad.engines.trainer import MultiADTrainer
+
+    original = MultiADTrainer._iteration
+
+    def interrupt_in_second_epoch(self, engine, batch):
+        if engine.state.epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, engine, batch)
+
+    monkeypatch.setattr(MultiADTrainer, "_iteration", interrupt_in_second_epoch)
+    cfg = RunConfig(dataset_dir=str(textures), image_size=64, batch_size=8, epochs=5, early_stop_patience=0,
+                    discriminator_channels=(16,), device="cpu", val_fraction=0.2)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["interrupted"] and summary["epochs"] == 2
+    model, _, _ = load_model(tmp_path / "run")
+    assert model.fusion.fitted
