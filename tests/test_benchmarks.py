@@ -1,0 +1,70 @@
+"""Smoke tests of benchmarks/speed.py and benchmarks/accuracy.py on tiny inputs (CPU, no data needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_smoke(tmp_path):
+    speed = _load("speed")
+    out, md = tmp_path / "speed.json", tmp_path / "speed.md"
+    speed.main(["--backbones", "resnet18", "--batch-sizes", "1", "--devices", "cpu", "--repeats", "1",
+                "--warmup", "0", "--image-size", "64", "--source-size", "96", "--volume-slices", "4",
+                "--no-isolate", "--threads", "1", "--out", str(out), "--markdown", str(md)])
+    report = json.loads(out.read_text())
+    assert {"date", "torch", "monai", "torch_threads", "weights", "memory", "image_size"} <= set(report["meta"])
+    assert report["meta"]["image_size"] == 64
+    (row,) = report["results"]
+    assert {"pipeline_images_per_s", "bare_images_per_s", "overhead_ratio", "train_images_per_s",
+            "inference_peak_mb", "train_peak_mb"} <= set(row), row
+    assert row["backbone"] == "resnet18" and row["batch_size"] == 1 and row["device"] == "cpu"
+    assert row["pipeline_images_per_s"] > 0 and row["overhead_ratio"] > 0
+    (volume,) = report["volume"]
+    assert volume["status"] == "ok" or volume["status"].startswith("skipped"), volume
+    assert "| resnet18 | cpu | 1 |" in md.read_text()
+
+
+@pytest.mark.slow
+def test_accuracy_smoke(tmp_path):
+    from monai_multiad.data.synthetic_images import write_mvtec_dataset
+
+    accuracy = _load("accuracy")
+    data = write_mvtec_dataset(tmp_path / "data" / "tiles", n_train=16, n_test_good=4, n_test_defect=4, size=64)
+    out = tmp_path / "out"
+    accuracy.main(["--dataset-dir", str(data), "--out", str(out), "--backbone", "resnet18", "--image-size", "64",
+                   "--max-steps", "3", "--epochs", "1", "--device", "cpu"])
+    report = json.loads((out / "results.json").read_text())
+    (row,) = report["rows"]
+    assert row["config"] == "full" and row["category"] == "tiles"
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        assert 0.0 <= row[key] <= 1.0
+    assert {"train_seconds", "device", "seed", "options"} <= set(row)
+    assert {"torch", "monai"} <= set(report["meta"]["versions"])
+    assert set(report["means"]) == {"full"}
+    assert "| tiles |" in (out / "results.md").read_text()
+
+
+def test_accuracy_finds_categories(tmp_path):
+    accuracy = _load("accuracy")
+    for name in ("a", "b"):
+        (tmp_path / name / "train").mkdir(parents=True)
+        (tmp_path / name / "test").mkdir()
+    (tmp_path / "notes").mkdir()
+    assert list(accuracy.find_categories(tmp_path)) == ["a", "b"]
+    assert list(accuracy.find_categories(tmp_path, ["b"])) == ["b"]
+    assert list(accuracy.find_categories(tmp_path / "a")) == ["a"]
+    with pytest.raises(SystemExit):
+        accuracy.find_categories(tmp_path, ["c"])
