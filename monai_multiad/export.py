@@ -14,9 +14,8 @@ Notes on what had to be worked around (and why the exported graphs still equal t
   modules) and on ``MultiAD.forward``'s train/eval return types, so TorchScript uses
   ``torch.jit.trace``; traced at batch 2, the graph runs any batch size.
 * The legacy (TorchScript-based) ONNX exporter is used (``dynamo=False``; the dynamo exporter
-  needs ``onnxscript``). It cannot export MONAI's ``GaussianFilter`` (its kernel and padding are
-  computed from the sigma parameter at run time, so Conv gets a kernel of unknown shape): the
-  export copy gets :class:`FixedGaussian2d`, the same separable kernels as constants.
+  needs ``onnxscript``). The fusion's Gaussian keeps its kernel as a buffer
+  (:class:`~monai_multiad.networks.fusion.GaussianSmoothing`), so it exports as a constant.
 * The legacy exporter's ``aten::cosine_similarity`` clamps ``|x1| * |x2|`` to ``eps`` while
   PyTorch clamps each norm separately; they differ where a feature norm is tiny (an untrained
   student's deep features). A faithful symbolic is registered for the duration of the export.
@@ -31,15 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
-from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
 
 from monai_multiad.networks import MultiAD
 
 __all__ = [
-    "FixedGaussian2d",
     "ShapeGuard",
     "export_onnx",
     "export_torchscript",
@@ -67,24 +62,6 @@ def inference_copy(model: MultiAD) -> MultiAD:
     net.discriminator = None
     net.requires_grad_(False)
     return net.eval()
-
-
-class FixedGaussian2d(nn.Module):
-    """MONAI ``GaussianFilter`` (2D, zero padding) with its kernels frozen as buffers: the same
-    separable convolutions (H first, then W), exportable to ONNX. For one-channel maps."""
-
-    def __init__(self, gaussian: GaussianFilter) -> None:
-        super().__init__()
-        with torch.no_grad():
-            k = [gaussian_1d(s, truncated=gaussian.truncated, approx=gaussian.approx).float() for s in gaussian.sigma]
-        k_h, k_w = k[0], k[-1]
-        self.register_buffer("kernel_h", k_h.reshape(1, 1, -1, 1).clone())
-        self.register_buffer("kernel_w", k_w.reshape(1, 1, 1, -1).clone())
-        self.pad_h, self.pad_w = (k_h.numel() - 1) // 2, (k_w.numel() - 1) // 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.kernel_h, padding=(self.pad_h, 0))
-        return F.conv2d(x, self.kernel_w, padding=(0, self.pad_w))
 
 
 def _example(model: MultiAD, image_size: int, batch: int = 2) -> torch.Tensor:
@@ -182,8 +159,6 @@ def export_onnx(
     if opset < 13:
         raise ValueError(f"opset must be at least 13 (ReduceSum with axes as input), got {opset}")
     model = inference_copy(resolve_model(model_or_run))
-    if isinstance(model.fusion.smooth, GaussianFilter):
-        model.fusion.smooth = FixedGaussian2d(model.fusion.smooth)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = {0: "batch"}
@@ -217,7 +192,7 @@ def network_def_config(model_or_run: MultiAD | str | Path) -> dict:
             "discriminator": m.discriminator is not None,
             "fusion_mode": fusion.mode,
             "fuse": fusion.fuse,
-            "sigma": float(fusion.smooth.sigma[0]) if isinstance(fusion.smooth, GaussianFilter) else 0.0,
+            "sigma": fusion.sigma,
         }
         if m.discriminator is not None:
             kwargs["discriminator_channels"] = _discriminator_channels(m)

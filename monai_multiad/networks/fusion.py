@@ -16,10 +16,31 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
 
-__all__ = ["AnomalyMapFusion", "stage_anomaly_maps"]
+__all__ = ["AnomalyMapFusion", "GaussianSmoothing", "stage_anomaly_maps"]
+
+
+class GaussianSmoothing(nn.Module):
+    """Separable Gaussian smoothing of one-channel 2D maps (B, 1, H, W), zero padding.
+
+    The same kernel as MONAI's ``GaussianFilter`` (``gaussian_1d``, erf approximation,
+    truncated at 4 sigma), computed once and kept as a non-persistent buffer: no per-call
+    kernel construction, and exportable to TorchScript and ONNX as it is.
+    """
+
+    def __init__(self, sigma: float, truncated: float = 4.0) -> None:
+        super().__init__()
+        self.sigma = float(sigma)
+        kernel = gaussian_1d(torch.tensor(self.sigma), truncated=truncated, approx="erf").float()
+        self.register_buffer("kernel_h", kernel.reshape(1, 1, -1, 1).clone(), persistent=False)
+        self.register_buffer("kernel_w", kernel.reshape(1, 1, 1, -1).clone(), persistent=False)
+        self.pad = (kernel.numel() - 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.kernel_h.to(x.dtype), padding=(self.pad, 0))
+        return F.conv2d(x, self.kernel_w.to(x.dtype), padding=(0, self.pad))
 
 
 def stage_anomaly_maps(
@@ -60,7 +81,8 @@ class AnomalyMapFusion(nn.Module):
         self.mode = mode
         self.fuse = fuse
         self.num_stages = num_stages
-        self.smooth = GaussianFilter(spatial_dims=2, sigma=sigma) if sigma > 0 else nn.Identity()
+        self.sigma = float(sigma)
+        self.smooth = GaussianSmoothing(sigma) if sigma > 0 else nn.Identity()
         self.register_buffer("scale", torch.ones(num_stages))
         self.register_buffer("threshold", torch.tensor(float("nan")))
 

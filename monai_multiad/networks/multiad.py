@@ -138,5 +138,8 @@ class MultiAD(nn.Module):
         t, s = self.features(x)
         if self.training:
             return {"teacher": t, "student": s}
-        return self.fusion(stage_anomaly_maps(t, s, x.shape[-2:]))
+        # the maps are small next to the networks: fuse them in float32 even under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            maps = stage_anomaly_maps([f.float() for f in t], [f.float() for f in s], x.shape[-2:])
+            return self.fusion(maps)
 
