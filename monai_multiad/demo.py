@@ -44,6 +44,6 @@ def run_demo(out: Path, steps: int = 60, device: str = "auto") -> dict:
     except ImportError:
         pass
     else:
-        report["screening"] = demo_screen(out)
+        report["screening"] = demo_screen(out, device=device)
     (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
     return report

@@ -96,6 +96,8 @@ def _detect_layout(root: Path) -> str:
         raise MultiADInputError(f"{root}: dataset folder not found")
     if (root / "splits.json").is_file():
         return "volumes"
+    if any(p.name.lower().endswith((".nii", ".nii.gz")) for p in [*root.glob("*"), *root.glob("*/*")]):
+        return "volumes"
     return detect_layout(root)
 
 

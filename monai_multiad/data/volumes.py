@@ -1,0 +1,375 @@
+"""Volume folders as 2D slice datasets: normal slices to train on, labelled slices to test on.
+
+Layout (``cfg.dataset_dir``)::
+
+    <root>/splits.json                 optional: {"train": [case, ...], "test": [...], "valid": [...]}
+    <root>/<case>/flair.nii.gz         one image volume per case folder: ``flair.nii[.gz]``, else the
+                                       only ``*.nii[.gz]`` that is not a label, else a DICOM series
+                                       (the folder itself or its one DICOM subfolder)
+    <root>/<case>/mask.nii.gz          optional label volume (see :data:`LABEL_PATTERNS`), same grid
+    <root>/<case>.nii.gz               flat form: image ...
+    <root>/<case>_mask.nii.gz          ... and its label (``<case>_*`` matching a label pattern)
+
+Splits:
+
+* with ``splits.json``: its lists (cases not listed are ignored; a listed case that is not
+  found, or one listed twice, is an error). ``"valid"`` (or ``"val"``) is optional: without it
+  the validation cases are a ``cfg.val_fraction`` share of the train cases.
+* without ``splits.json``: a case without a label volume, or whose label is all zero, is a
+  **train** case (normal); a case with a non-empty label is a **test** case.
+
+Validation is split **by case** (seeded by ``cfg.seed``), never by slice, and never from test
+cases: ``round(val_fraction * n)`` train cases, at least 1 and leaving at least 1 (so at least
+2 train cases are needed without a "valid" list). A label voxel is anomalous when > 0; a
+missing label means a normal volume. Slice indices (``"<case>#<k>"``) are canonical RAS indices
+along the axis (the array index for RAS-oriented volumes such as lgg_flair's).
+
+Slices: each volume is normalised once (``cfg.modality``, ``cfg.ct_window``; see
+:func:`~monai_multiad.transforms.scale_intensity`), cut along ``cfg.slice_axis`` into canonical
+RAS slices (:func:`~monai_multiad.transforms.volume_to_slices`) and resized to
+``cfg.image_size``. **Foreground rule**: a slice is kept when at least 1 % of its voxels exceed
+5 % of the normalised volume's range (:func:`~monai_multiad.transforms.slice_foreground`).
+Train/validation slices are the kept slices whose label slice is empty; test slices are the kept
+slices plus every slice with label voxels (an anomaly is never dropped). Slices are held in
+memory as uint8 (one channel; repeated to ``in_channels`` when read), masks only where non-empty.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from torch.utils.data import Dataset
+
+from monai_multiad.errors import input_error
+from monai_multiad.transforms.volume import (
+    CT_WINDOWS,
+    load_volume,
+    scale_intensity,
+    slice_foreground,
+    slice_info,
+    volume_to_slices,
+)
+
+__all__ = ["LABEL_PATTERNS", "VolumeCase", "VolumeSliceDataset", "find_cases", "read_splits", "parse_window",
+           "intensity_kwargs", "dataset_splits", "volume_slice_datasets", "MIN_FOREGROUND", "FG_THRESHOLD"]
+
+#: file (or folder) names, matched case-insensitively, that are label volumes, not images
+LABEL_PATTERNS: tuple[str, ...] = ("mask.nii", "mask.nii.gz", "*_mask.nii", "*_mask.nii.gz", "*label*")
+#: the foreground rule: a slice is kept when >= MIN_FOREGROUND of its voxels exceed FG_THRESHOLD of the range
+MIN_FOREGROUND, FG_THRESHOLD = 0.01, 0.05
+_SPLIT_ALIASES = {"train": "train", "test": "test", "valid": "valid", "val": "valid", "validation": "valid"}
+
+
+@dataclass(frozen=True)
+class VolumeCase:
+    """One case: its name, image volume (NIfTI file or DICOM folder) and optional label volume."""
+
+    name: str
+    image: Path
+    label: Path | None = None
+
+
+# ----------------------------------------------------------------------------- discovery
+def _is_label(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name.lower(), p.lower()) for p in patterns)
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return p.stem
+
+
+def _any_dicom(files: Sequence[Path], tries: int = 3) -> bool:
+    """Whether one of the first ``tries`` regular, non-hidden files is DICOM (a cheap header check)."""
+    from pydicom.misc import is_dicom
+
+    files = [f for f in files if f.is_file() and not f.name.startswith(".")][:tries]
+    for f in files:
+        try:
+            if is_dicom(f):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return _any_dicom(sorted(folder.rglob("*")))
+
+
+def _pick_label(folder: Path, found: list[Path]) -> Path | None:
+    if len(found) > 1:
+        found = [p for p in found if _is_nifti(p)] or found
+    if len(found) > 1:
+        raise input_error(folder, f"several label volumes ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
+
+
+def _case_from_folder(folder: Path, patterns: Sequence[str]) -> VolumeCase | None:
+    children = sorted(c for c in folder.iterdir() if not c.name.startswith("."))
+    labels = [c for c in children if _is_label(c.name, patterns)]
+    images = [c for c in children if _is_nifti(c) and c not in labels]
+    if len(images) > 1:
+        images = [c for c in images if c.name.lower().startswith("flair.")] or images
+    if len(images) > 1:
+        raise input_error(folder, f"several image volumes ({', '.join(c.name for c in images)}); expected one "
+                                  f"(or a flair.nii.gz), other files named like a label {list(patterns)}")
+    if not images:
+        if _any_dicom([c for c in children if c not in labels and not _is_nifti(c)]):
+            images = [folder]
+        else:
+            images = [c for c in children if c.is_dir() and c not in labels and _holds_dicom(c)]
+            if len(images) > 1:
+                raise input_error(folder, f"several DICOM series folders ({', '.join(c.name for c in images)}); "
+                                          "expected one image per case folder")
+    if not images:
+        return None
+    return VolumeCase(folder.name, images[0], _pick_label(folder, labels))
+
+
+def find_cases(root: str | Path, label_patterns: Sequence[str] = LABEL_PATTERNS) -> list[VolumeCase]:
+    """All cases of a volume folder (see the module docstring), sorted by name.
+
+    Folders that hold no volume are skipped; an ambiguous folder (two images) is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise input_error(root, "volume dataset folder not found")
+    cases: dict[str, VolumeCase] = {}
+    entries = sorted(c for c in root.iterdir() if not c.name.startswith("."))
+    files = [c for c in entries if _is_nifti(c)]
+    for c in entries:
+        if c.is_dir():
+            case = _case_from_folder(c, label_patterns)
+            if case is not None:
+                cases[case.name] = case
+    for f in files:
+        if _is_label(f.name, label_patterns):
+            continue
+        name = _stem(f)
+        if name in cases:
+            raise input_error(root, f"case {name!r} is both a folder and a file {f.name}")
+        found = [g for g in files if g != f and _is_label(g.name, label_patterns)
+                 and g.name.lower().startswith(name.lower() + "_")]
+        cases[name] = VolumeCase(name, f, _pick_label(root, found))
+    return [cases[k] for k in sorted(cases)]
+
+
+def read_splits(root: str | Path, cases: Sequence[VolumeCase]) -> dict[str, list[VolumeCase]] | None:
+    """``splits.json`` as ``{"train": [...], "test": [...], "valid": [...]}`` of cases, or ``None`` without one."""
+    path = Path(root) / "splits.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise input_error(path, f"cannot read the splits ({e})") from None
+    if not isinstance(data, dict):
+        raise input_error(path, 'expected {"train": [cases], "test": [cases]} with an optional "valid"')
+    by_name = {c.name: c for c in cases}
+    out: dict[str, list[VolumeCase]] = {"train": [], "valid": [], "test": []}
+    seen: dict[str, str] = {}
+    for key, names in data.items():
+        split = _SPLIT_ALIASES.get(str(key).lower())
+        if split is None:
+            raise input_error(path, f"unknown split {key!r}; expected train, valid, test")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise input_error(path, f"split {key!r} must be a list of case names")
+        for n in names:
+            if n in seen:
+                raise input_error(path, f"case {n!r} is listed in both {seen[n]!r} and {key!r}")
+            seen[n] = key
+            if n not in by_name:
+                raise input_error(path, f"case {n!r} ({key}) not found: no folder {Path(root) / n} holding an image "
+                                        f"volume and no {n}.nii[.gz]")
+            out[split].append(by_name[n])
+    return out
+
+
+def _label_empty(case: VolumeCase) -> bool:
+    return case.label is None or not bool(np.any(load_volume(case.label).as_tensor().numpy() > 0))
+
+
+def _split_by_case(cases: list[VolumeCase], fraction: float, seed: int) -> tuple[list, list]:
+    n_val = min(max(int(round(fraction * len(cases))), 1), len(cases) - 1)
+    val = set(np.random.default_rng(seed).permutation(len(cases))[:n_val].tolist())
+    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
+
+
+def dataset_splits(cfg) -> dict[str, list[VolumeCase]]:
+    """Cases per split ("train", "valid", "test") for a config, by the rules of the module docstring."""
+    root = Path(cfg.dataset_dir)
+    cases = find_cases(root)
+    if not cases:
+        raise input_error(root, "no volumes here: expected <case>/<image>.nii.gz (or a DICOM series folder) "
+                                "per case, or <case>.nii.gz files")
+    splits = read_splits(root, cases)
+    if splits is None:
+        normal = [c for c in cases if _label_empty(c)]
+        splits = {"train": normal, "valid": [], "test": [c for c in cases if c not in normal]}
+    if not splits["valid"] and len(splits["train"]) >= 2:
+        splits["train"], splits["valid"] = _split_by_case(splits["train"], cfg.val_fraction, cfg.seed)
+    return splits
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def parse_window(window) -> tuple[tuple[float, float] | None, str | None]:
+    """A CT window as ``(window, preset)``: a preset name, ``"level,width"``, ``(level, width)`` or empty."""
+    if window is None or (isinstance(window, str) and not window.strip()):
+        return None, None
+    if isinstance(window, str):
+        text = window.strip()
+        if text.lower() in CT_WINDOWS:
+            return None, text.lower()
+        try:
+            level, width = (float(v) for v in text.replace(";", ",").split(","))
+        except ValueError:
+            raise input_error(None, f"CT window {window!r}: expected a preset ({', '.join(sorted(CT_WINDOWS))}) "
+                                    "or 'level,width' in HU") from None
+        return (level, width), None
+    level, width = window
+    return (float(level), float(width)), None
+
+
+def intensity_kwargs(modality: str, window=None) -> dict:
+    """Keyword arguments of :func:`scale_intensity` for a modality and a CT window (name or level,width)."""
+    win, preset = parse_window(window) if str(modality).lower() == "ct" else (None, None)
+    return {"mode": str(modality).lower(), "window": win, "preset": preset}
+
+
+@dataclass
+class _CaseSlices:
+    name: str
+    images: torch.Tensor  # (N, 1, S, S) uint8
+    indices: list[int]  # canonical slice indices
+    labels: torch.Tensor  # (N,) bool
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (1, S, S) uint8, non-empty only
+    original_size: tuple[int, int] = (0, 0)
+
+
+def _preprocess(case: VolumeCase, cfg, keep: str) -> _CaseSlices:
+    """Load, normalise and slice one case. ``keep``: "normal" (train/val) or "all" (test)."""
+    image = load_volume(case.image)
+    if image.shape[0] != 1:
+        raise input_error(case.image, f"{image.shape[0]} channels; expected a single-channel volume")
+    scaled = scale_intensity(image, **intensity_kwargs(cfg.modality, cfg.ct_window))
+    del image
+    size = (cfg.image_size, cfg.image_size)
+    info = slice_info(scaled, cfg.slice_axis, spatial_size=size)
+    fg = slice_foreground(scaled.as_tensor(), info, FG_THRESHOLD)
+    kept = {k for k in range(info["num_slices"]) if float(fg[k]) >= MIN_FOREGROUND}
+    lab = None
+    if case.label is not None:
+        lab_vol = load_volume(case.label)
+        if tuple(lab_vol.shape) != tuple(scaled.shape):
+            raise input_error(case.label, f"label shape {tuple(lab_vol.shape[1:])} differs from its image "
+                                          f"{case.image} {tuple(scaled.shape[1:])}")
+        lab = MetaTensor((lab_vol.as_tensor() > 0).float(), affine=scaled.affine)  # the image's geometry
+        positive = slice_foreground(lab.as_tensor(), info, 0.5) > 0
+        anomalous = {k for k in range(info["num_slices"]) if bool(positive[k])}
+    else:
+        anomalous = set()
+    rows = sorted(kept - anomalous) if keep == "normal" else sorted(kept | anomalous)
+    h, w = info["slice_shape"]
+    if not rows:
+        return _CaseSlices(case.name, torch.zeros((0, 1, *size), dtype=torch.uint8), [],
+                           torch.zeros(0, dtype=torch.bool),
+                           original_size=(h, w))
+    slices, _, _ = volume_to_slices(scaled, cfg.slice_axis, spatial_size=size, indices=rows)
+    images = slices.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    labels = torch.tensor([k in anomalous for k in rows], dtype=torch.bool)
+    masks = {}
+    pos = [j for j, k in enumerate(rows) if k in anomalous]
+    if pos and lab is not None:
+        m, _, _ = volume_to_slices(lab, cfg.slice_axis, spatial_size=size, indices=[rows[j] for j in pos],
+                                   mode="nearest")
+        masks = {j: (m[i] > 0.5).to(torch.uint8) for i, j in enumerate(pos)}
+    return _CaseSlices(case.name, images, rows, labels, masks, (h, w))
+
+
+def _preprocess_all(cases: Sequence[VolumeCase], cfg, keep: str) -> list[_CaseSlices]:
+    workers = max(1, min(4, os.cpu_count() or 1, len(cases)))
+    if workers == 1:
+        return [_preprocess(c, cfg, keep) for c in cases]
+    with ThreadPoolExecutor(workers) as pool:  # nibabel's gzip and numpy release the GIL for most of the work
+        return list(pool.map(lambda c: _preprocess(c, cfg, keep), cases))
+
+
+class VolumeSliceDataset(Dataset):
+    """Slices of preprocessed volumes, with items shaped as the 2D datasets' are:
+
+    ``{"image": float32 (in_channels, S, S) in [0, 1], "mask": float32 (1, S, S) of 0/1,
+    "label": int, "has_mask": True, "path": "<case>#<slice index>", "name": same,
+    "defect": "good" | "anomaly", "original_size": int64 [h, w], "case": str, "slice_index": int}``.
+
+    The slice index is the canonical (RAS-reoriented) index along the slicing axis, as
+    :func:`~monai_multiad.transforms.volume_to_slices` gives it (the array index for RAS volumes).
+    """
+
+    def __init__(self, cases: Sequence[_CaseSlices], in_channels: int = 3) -> None:
+        self.in_channels = int(in_channels)
+        self._cases = list(cases)
+        self.items = [(i, j) for i, c in enumerate(self._cases) for j in range(len(c.indices))]
+
+    @property
+    def case_names(self) -> list[str]:
+        """Names of the cases with at least one slice here."""
+        return [c.name for c in self._cases if c.indices]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        i, j = self.items[index]
+        c = self._cases[i]
+        image = c.images[j].float().div_(255.0)
+        if self.in_channels == 3:
+            image = image.expand(3, -1, -1).contiguous()
+        mask = c.masks[j].float() if j in c.masks else torch.zeros((1, *image.shape[-2:]), dtype=torch.float32)
+        label = int(c.labels[j])
+        path = f"{c.name}#{c.indices[j]}"
+        return {"image": image, "mask": mask, "label": label, "has_mask": True, "path": path, "name": path,
+                "defect": "anomaly" if label else "good", "original_size": torch.tensor(c.original_size),
+                "case": c.name, "slice_index": int(c.indices[j])}
+
+
+def volume_slice_datasets(cfg, split: str = "train"):
+    """Datasets of a volume folder for :func:`monai_multiad.workflow.build_datasets`.
+
+    Args:
+        cfg: a :class:`~monai_multiad.config.RunConfig` (``dataset_dir``, ``image_size``,
+            ``in_channels``, ``modality``, ``ct_window``, ``slice_axis``, ``val_fraction``, ``seed``).
+        split: "train" -> ``(train, validation)`` of normal slices (validation = held-out train
+            cases, or the "valid" cases of splits.json); "test" (or "valid") -> all slices of those
+            cases, labelled by their masks.
+    """
+    splits = dataset_splits(cfg)
+    if split == "train":
+        if not splits["valid"]:
+            raise input_error(cfg.dataset_dir, f"{len(splits['train'])} training case(s): at least 2 are needed to "
+                                               "hold out a validation case (or list \"valid\" cases in splits.json)")
+        train = VolumeSliceDataset(_preprocess_all(splits["train"], cfg, "normal"), cfg.in_channels)
+        val = VolumeSliceDataset(_preprocess_all(splits["valid"], cfg, "normal"), cfg.in_channels)
+        if len(val) == 0:
+            raise input_error(cfg.dataset_dir, "the validation cases have no normal foreground slice")
+        return train, val
+    key = _SPLIT_ALIASES.get(split)
+    if key not in ("test", "valid"):
+        raise input_error(cfg.dataset_dir, f"unknown split {split!r}; expected train, valid or test")
+    return VolumeSliceDataset(_preprocess_all(splits[key], cfg, "all"), cfg.in_channels)

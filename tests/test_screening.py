@@ -1,0 +1,196 @@
+"""Screening scans: outputs on the scan's grid, exact inverse mapping, CT windows, failures per scan."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from monai.data import MetaTensor
+
+from monai_multiad.cli import main
+from monai_multiad.config import RunConfig
+from monai_multiad.data.synthetic_volumes import (
+    itk_geometry_from_affine,
+    make_phantom_volume,
+    write_dicom_series,
+    write_nifti,
+)
+from monai_multiad.networks import MultiAD
+from monai_multiad.screening import ScreeningResult, screen_path, screen_paths, screen_volume
+from monai_multiad.transforms import load_volume
+from monai_multiad.workflow import save_model
+
+
+def _rotation(axis, degrees) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def _affine(lin, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3], a[:3, 3] = lin, origin
+    return a
+
+
+AFFINES = {
+    "identity": np.eye(4),
+    "flipped": _affine(np.diag([-1.0, 1.0, -1.0]), (10, -5, 3)),
+    "permuted": _affine(np.array([[0, 0, -1.0], [1.0, 0, 0], [0, -1.0, 0]]), (4, 5, 6)),
+    "oblique": _affine(_rotation((1, 2, 3), 30) @ np.diag([0.8, 1.2, 2.5]), (12, -30, 44)),
+}
+
+
+class MarkModel(nn.Module):
+    """A fake MultiAD (eval interface, ``in_channels``): the map is 1 where the input is white
+    ("mark"), the input itself ("identity"), or what exceeds 0.4 ("soft")."""
+
+    def __init__(self, in_channels: int = 1, mode: str = "mark") -> None:
+        super().__init__()
+        self.in_channels, self.mode, self.seen = in_channels, mode, []
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        x = x[:, :1] * self.scale
+        amap = {"mark": (x >= 0.999).float(), "identity": x, "soft": (x - 0.4).clamp_min(0)}[self.mode]
+        return amap, amap.amax(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=False, in_channels=1, image_size=64)
+    save_model(path / "model.pt", MultiAD("resnet18", in_channels=1, pretrained=False, discriminator=False), cfg,
+               fusion_stats={"threshold": 1.0})
+    return path
+
+
+def _phantom(path: Path, affine=None, shape=(48, 40, 16)) -> Path:
+    image, _ = make_phantom_volume(shape, lesion=True, affine=affine, seed=0)
+    return write_nifti(path, np.round(image).astype(np.int16), affine)
+
+
+def test_nifti_screening_writes_map_report_and_montage(run_dir, tmp_path):
+    scan = _phantom(tmp_path / "brain.nii.gz", AFFINES["oblique"])
+    rows = screen_paths(run_dir, [scan], tmp_path / "out", device="cpu", top_k=2, progress=False)
+    assert rows[0]["status"] == "ok" and rows[0]["threshold"] == 1.0 and len(rows[0]["top_slices"]) == 2
+    folder = tmp_path / "out" / "brain"
+    amap = nib.load(folder / "anomaly_map.nii.gz")
+    assert amap.shape == (48, 40, 16)
+    np.testing.assert_allclose(amap.affine, AFFINES["oblique"], atol=1e-5)
+    assert np.isfinite(amap.get_fdata()).all() and amap.get_fdata().max() > 0
+    assert (folder / "montage.png").stat().st_size > 0
+    result = json.loads((folder / "result.json").read_text())
+    scores = list(csv.DictReader((folder / "slice_scores.csv").open()))
+    assert len(scores) == result["screened_slices"] <= 16
+    top = sorted((float(r["score"]) for r in scores), reverse=True)[:2]
+    assert result["scan_score"] == pytest.approx(np.mean(top), rel=1e-5)  # mean of the top-k slice scores
+    report = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert report[0]["status"] == "ok" and report[0]["map"].endswith("anomaly_map.nii.gz")
+    assert not list((tmp_path / "out").rglob(".*"))  # no temporary files left
+
+
+def test_dicom_series_map_has_the_series_geometry(run_dir, tmp_path):
+    affine = AFFINES["oblique"]
+    image, _ = make_phantom_volume((40, 40, 12), lesion=True, affine=affine, seed=1)
+    spacing, origin, direction = itk_geometry_from_affine(affine)
+    write_dicom_series(tmp_path / "series", image, spacing, origin, direction)
+    row = screen_path(run_dir, tmp_path / "series", tmp_path / "out", device="cpu")
+    amap, dicom = nib.load(row["map"]), load_volume(tmp_path / "series")
+    assert amap.shape == tuple(dicom.shape[1:])
+    np.testing.assert_allclose(amap.affine, dicom.affine.numpy(), atol=1e-4)
+    assert Path(row["map"]).parent.name == "series"
+
+
+@pytest.mark.parametrize("name", list(AFFINES))
+@pytest.mark.parametrize("axis", ["axial", "sagittal"])
+def test_inverse_mapping_puts_the_marked_pixel_on_its_voxel(name, axis):
+    rng = np.random.default_rng(0)
+    data = rng.uniform(100, 400, size=(24, 24, 24)).astype(np.float32)
+    voxel = (5, 17, 9)
+    data[voxel] = 1000.0
+    vol = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(AFFINES[name]))
+    res = screen_volume(MarkModel(), vol, modality="minmax", axis=axis, image_size=24, top_k=1)
+    assert isinstance(res, ScreeningResult)
+    amap = res.anomaly_map
+    assert amap.shape == (1, 24, 24, 24) and torch.allclose(amap.affine.double(), torch.as_tensor(AFFINES[name]))
+    assert float(amap.sum()) == 1.0 and tuple(np.argwhere(amap[0].numpy() == 1)[0]) == voxel
+    assert res.scan_score == 1.0 and res.anomalous is False and res.threshold is None
+    # the identity model returns its input: the map is the normalised volume, voxel for voxel
+    ident = screen_volume(MarkModel(mode="identity"), vol, modality="minmax", axis=axis, image_size=24)
+    expected = (data - data.min()) / (data.max() - data.min())
+    np.testing.assert_allclose(ident.anomaly_map[0].numpy(), expected, atol=1e-6)
+    # with a resize (24 -> 40 px and back), the mark still peaks on its voxel
+    big = screen_volume(MarkModel(mode="soft"), vol, modality="minmax", axis=axis, image_size=40, top_k=1)
+    assert tuple(np.unravel_index(int(big.anomaly_map[0].argmax()), (24, 24, 24))) == voxel
+
+
+def test_ct_window_is_used(run_dir, tmp_path):
+    hu = np.full((32, 32, 6), -1000.0, np.float32)
+    hu[4:28, 4:28] = 40.0
+    hu[10:14, 10:14, 3] = 80.0
+    spacing, origin, direction = itk_geometry_from_affine(AFFINES["flipped"])
+    write_dicom_series(tmp_path / "ct", hu, spacing, origin, direction, modality="CT")
+    model = MarkModel(in_channels=3)
+    res = screen_volume(model, tmp_path / "ct", modality="ct", window="brain", image_size=32, top_k=1)
+    x = torch.cat(model.seen)
+    assert x.shape[1] == 3 and set(torch.unique(x).tolist()) == {0.0, 0.5, 1.0}  # level 40 width 80
+    assert "ct window brain" in res.info["intensity_normalisation"]
+    marked = np.argwhere(res.anomaly_map[0].numpy() == 1)
+    assert len(marked) == 16 and set(marked[:, 2].tolist()) == {3} and set(marked[:, 0].tolist()) == {10, 11, 12, 13}
+    assert res.top_slices == [2] and res.info["array_axis_flipped"]  # canonical slice 2 is array slice 5 - 2 = 3
+    # the run's own modality and window are the defaults
+    ct_run = tmp_path / "ct_run"
+    cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=False, in_channels=1, image_size=32,
+                    modality="ct", ct_window="40,80")
+    save_model(ct_run / "model.pt", MultiAD("resnet18", in_channels=1, pretrained=False, discriminator=False), cfg)
+    res = screen_volume(ct_run, tmp_path / "ct", device="cpu")
+    assert "level 40, width 80" in res.info["intensity_normalisation"] and res.info["image_size"] == 32
+
+
+def test_bad_scans_are_reported_and_the_good_one_screened(run_dir, tmp_path, capsys):
+    good = _phantom(tmp_path / "p1" / "flair.nii.gz")
+    other = _phantom(tmp_path / "p2" / "flair.nii.gz")
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.ones((32, 32), np.float32))
+    nan = np.ones((16, 16, 8), np.float32)
+    nan[3, 3, 3] = np.nan
+    nan_file = write_nifti(tmp_path / "nan.nii.gz", nan)
+    (tmp_path / "empty").mkdir()
+    scans = [flat, nan_file, tmp_path / "empty", tmp_path / "missing.nii.gz", good, other]
+    code = main(["screen", *map(str, scans), "--run", str(run_dir), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--batch-size", "4"])
+    assert code == 1
+    report = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert [r["status"] for r in report] == ["failed"] * 4 + ["ok"] * 2
+    assert "2D image" in report[0]["error"] and "NaN" in report[1]["error"]
+    assert "empty folder" in report[2]["error"] and "no such file" in report[3]["error"]
+    for name in ("p1_flair", "p2_flair"):  # same file names: the parent folder tells them apart
+        assert (tmp_path / "out" / name / "anomaly_map.nii.gz").is_file()
+    assert len(json.loads((tmp_path / "out" / "report.json").read_text())) == 6
+    assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, kwargs", [("CT_small.dcm", {"modality": "ct", "window": "soft_tissue"}),
+                                          ("MR_small.dcm", {})])
+def test_real_pydicom_files_are_screened(run_dir, tmp_path, name, kwargs):
+    pydicom_data = pytest.importorskip("pydicom.data")
+    src = Path(pydicom_data.get_testdata_file(name))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    shutil.copy(src, folder / name)
+    for scan in (src, folder):  # a DICOM file and a folder holding it
+        row = screen_path(run_dir, scan, tmp_path / "out", device="cpu", **kwargs)
+        amap, vol = nib.load(row["map"]), load_volume(scan)
+        assert amap.shape == tuple(vol.shape[1:]) and vol.shape[-1] == 1
+        np.testing.assert_allclose(amap.affine, vol.affine.numpy(), atol=1e-4)
+        assert row["screened_slices"] == 1 and (Path(row["map"]).parent / "montage.png").is_file()
