@@ -1,0 +1,280 @@
+"""The MONAI bundles in ``bundles/``: train -> evaluate -> inference as a user types them
+(``python -m monai.bundle run ...`` in a subprocess, on tiny generated data; the industrial bundle
+trains with its multi-GPU config, two gloo processes under torchrun), their metadata against
+MONAI's schema (offline), ``verify_net_in_out``, ``ckpt_export`` against the trained model, and
+what a user sees on bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fire", reason="`python -m monai.bundle` needs MONAI's optional package 'fire'")
+jsonschema = pytest.importorskip("jsonschema", reason="metadata validation needs 'jsonschema'")
+
+from monai_multiad.bundle_support import (  # noqa: E402
+    anomaly_map_network,
+    check_command_line,
+    check_resume,
+    install_error_hook,
+    run_config,
+)
+from monai_multiad.config import RunConfig  # noqa: E402
+from monai_multiad.errors import MultiADInputError, WeightsError  # noqa: E402
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+SCHEMA = BUNDLES / "schema" / "meta_schema_20240725.json"
+NAMES = ("multiad_industrial", "multiad_brain_mri")
+# what makes a run tiny: the options a user would change, under run_config
+TINY = {"image_size": 64, "epochs": 1, "batch_size": 8, "backbone": "resnet18", "pretrained": "none"}
+
+
+def _tiny_args(**extra) -> list[str]:
+    args = []
+    for k, v in {**TINY, **extra}.items():
+        args += [f"--run_config#{k}", str(v)]
+    return args + ["--device", "cpu"]
+
+
+def bundle(name: str, *args: str, launcher: list[str] | None = None, check: bool = True, threads: str = "2"):
+    """``python -m monai.bundle ARGS`` in the bundle's folder, as a user runs it."""
+    cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    proc = subprocess.run(cmd, cwd=BUNDLES / name, capture_output=True, text=True, timeout=300, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _state_dict_file(run_dir: Path, path: Path) -> Path:
+    from monai_multiad.export import save_state_dict
+
+    return save_state_dict(run_dir, path)
+
+
+# ----------------------------------------------------------------------------- data
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def industrial(tmp_path_factory):
+    """A tiny MVTec-layout dataset, trained on with the industrial bundle's multi-GPU config: two
+    processes under torchrun with gloo on CPU (the single-process path is the brain bundle's)."""
+    from monai_multiad.data.synthetic_images import write_mvtec_dataset
+
+    tmp = tmp_path_factory.mktemp("industrial")
+    data = write_mvtec_dataset(tmp / "bottle", n_train=12, n_test_good=4, n_test_defect=4, size=64)
+    root = tmp / "bundle_root"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    proc = bundle("multiad_industrial", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+                  "--bundle_root", str(root), "--dataset_dir", str(data), *_tiny_args(), launcher=torchrun,
+                  threads="1")
+    return {"data": Path(data), "root": root, "run": root / "models", "train": proc}
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    """Phantom volumes in the volume-folder layout (4 normal cases, one with a lesion), trained on."""
+    from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
+
+    tmp = tmp_path_factory.mktemp("brain")
+    data = tmp / "volumes"
+    names = [f"normal_{i}" for i in range(4)]
+    for i, case in enumerate(names):
+        image, _ = make_phantom_volume((48, 48, 16), lesion=False, seed=10 + i)
+        write_nifti(data / case / "flair.nii.gz", np.round(image).astype(np.int16))
+    image, label = make_phantom_volume((48, 48, 16), lesion=True, seed=99)
+    write_nifti(data / "lesion" / "flair.nii.gz", np.round(image).astype(np.int16))
+    write_nifti(data / "lesion" / "mask.nii.gz", label)
+    (data / "splits.json").write_text(json.dumps({"train": names, "test": ["lesion"]}))
+    root = tmp / "bundle_root"
+    bundle("multiad_brain_mri", "run", "--config_file", "configs/train.json", "--bundle_root", str(root),
+           "--dataset_dir", str(data), *_tiny_args(max_steps=2, batch_size=4))
+    return {"data": data, "root": root, "run": root / "models", "lesion_shape": label.shape}
+
+
+# ----------------------------------------------------------------------------- metadata
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata_is_valid_against_monai_schema(name):
+    meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
+    schema = json.loads(SCHEMA.read_text())
+    assert meta["schema"].endswith("/" + SCHEMA.name)
+    jsonschema.Draft201909Validator.check_schema(schema)
+    jsonschema.validate(meta, schema, cls=jsonschema.Draft201909Validator)
+    # MONAI's own check, offline: the schema file is there, so nothing is downloaded
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(BUNDLES / name / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    broken = {k: v for k, v in meta.items() if k != "network_data_format"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema, cls=jsonschema.Draft201909Validator)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bundle_layout(name):
+    root = BUNDLES / name
+    for rel in ("configs/metadata.json", "configs/train.json", "configs/evaluate.json", "configs/inference.json",
+                "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md", "LICENSE"):
+        assert (root / rel).is_file(), rel
+    for cfg in (root / "configs").glob("*.json"):
+        json.loads(cfg.read_text())
+
+
+# ----------------------------------------------------------------------------- industrial
+def test_industrial_train_evaluate_inference(industrial):
+    run = industrial["run"]
+    for f in ("model.pt", "config.json", "metrics.json", "checkpoints/best_model.pt"):
+        assert (run / f).is_file(), f
+    assert list((run / "checkpoints").glob("last_checkpoint_epoch=1.pt"))
+    # the same options, from the same defaults, as the CLI: only the bundle's fixed ones and the overrides differ
+    expected = RunConfig(dataset_dir=str(industrial["data"]), layout="mvtec", in_channels=3, device="cpu", **TINY)
+    assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(expected.to_dict()))
+    # batch_size 8 is the global batch: 11 training images, 6 per rank, 4 per step -> 2 steps on each rank
+    assert json.loads((run / "metrics.json").read_text())["training"]["iterations"] == 2
+    assert "val_loss" in industrial["train"].stdout + industrial["train"].stderr
+
+    proc = bundle("multiad_industrial", "run", "--config_file", "configs/evaluate.json",
+                  "--bundle_root", str(industrial["root"]), "--device", "cpu")
+    metrics = json.loads((industrial["root"] / "eval" / "metrics.json").read_text())["evaluation"]
+    assert metrics["num_images"] == 8 and metrics["num_anomalous"] == 4
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max"))
+    assert "image_auroc" in proc.stdout and (industrial["root"] / "eval" / "contact_sheet.png").is_file()
+
+    out = industrial["root"] / "eval" / "predictions"
+    bundle("multiad_industrial", "run", "--config_file", "configs/inference.json", "--bundle_root",
+           str(industrial["root"]), "--dataset_dir", str(industrial["data"]), "--device", "cpu")
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 8 and all("score" in p and Path(p["overlay"]).is_file() for p in predictions)
+
+
+def test_industrial_network_def_io_and_ckpt_export(industrial, tmp_path):
+    # verify_net_in_out with the README's arguments: the default network at the metadata's 256 px
+    from monai.bundle import verify_net_in_out
+
+    configs = BUNDLES / "multiad_industrial" / "configs"
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "inference.json"), device="cpu")
+
+    from monai.bundle import ckpt_export
+
+    from monai_multiad.workflow import load_model
+
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(_state_dict_file(industrial["run"], tmp_path / "s.pt")),
+                meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json"),
+                use_trace=True, input_shape=[1, 3, 64, 64], **{"run_config#backbone": "resnet18"})
+    model = load_model(industrial["run"])[0]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)[0]
+        got = torch.jit.load(str(ts))(x)
+    assert got.shape == expected.shape == (2, 1, 64, 64)
+    assert float((got - expected).abs().max()) < 1e-4
+
+    # a state dict from another network: one line naming what does not fit and the options to pass
+    with pytest.raises(WeightsError, match=r"unexpected: student\.se\..*built with backbone=resnet18.*--run_config#"):
+        ckpt_export(net_id="network_def", filepath=str(tmp_path / "bad.ts"), ckpt_file=str(tmp_path / "s.pt"),
+                    meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json"),
+                    use_trace=True, input_shape=[1, 3, 64, 64],
+                    **{"run_config#backbone": "resnet18", "run_config#student_se": False})
+
+
+# ----------------------------------------------------------------------------- brain
+def test_brain_train_evaluate_screen(brain):
+    import nibabel as nib
+
+    cfg = json.loads((brain["run"] / "config.json").read_text())
+    assert (cfg["layout"], cfg["in_channels"], cfg["modality"]) == ("volumes", 1, "mri")
+    assert cfg["slice_axis"] == RunConfig().slice_axis and cfg["sigma"] == RunConfig().sigma  # defaults untouched
+
+    bundle("multiad_brain_mri", "run", "--config_file", "configs/evaluate.json", "--bundle_root", str(brain["root"]),
+           "--device", "cpu")
+    metrics = json.loads((brain["root"] / "eval" / "metrics.json").read_text())["evaluation"]
+    assert metrics["num_anomalous"] > 0 and 0.0 <= metrics["pixel_auroc"] <= 1.0
+
+    proc = bundle("multiad_brain_mri", "run", "--config_file", "configs/inference.json", "--bundle_root",
+                  str(brain["root"]), "--dataset_dir", str(brain["data"]), "--device", "cpu")
+    report = json.loads((brain["root"] / "eval" / "screening" / "report.json").read_text())
+    assert [r["status"] for r in report] == ["ok"]  # the test case of splits.json only
+    scan = nib.load(str(brain["data"] / "lesion" / "flair.nii.gz"))
+    amap = nib.load(report[0]["map"])
+    assert amap.shape == scan.shape and np.allclose(amap.affine, scan.affine)
+    assert "score" in proc.stdout
+
+
+def test_brain_network_def_io():
+    from monai.bundle import verify_net_in_out
+
+    configs = BUNDLES / "multiad_brain_mri" / "configs"
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "inference.json"), device="cpu",
+                      **{"run_config#backbone": "resnet18"})
+    net = anomaly_map_network(run_config(in_channels=1, backbone="resnet18")).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_ends_with_one_line(tmp_path):
+    proc = bundle("multiad_industrial", "run", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path),
+                  check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "multiad bundle: error: no dataset folder given: pass --dataset_dir /path/to/data")
+
+    # the hook the configs install turns a MultiADInputError, also one MONAI wrapped, into that one line
+    with pytest.raises(MultiADInputError) as info:
+        run_config(epochs="ten")
+    wrapped = RuntimeError("Failed to instantiate component 'monai_multiad.bundle_support.run_config'")
+    wrapped.__cause__ = info.value
+    saved, err = sys.excepthook, io.StringIO()
+    try:
+        install_error_hook()
+        with contextlib.redirect_stderr(err):
+            sys.excepthook(RuntimeError, wrapped, None)
+    finally:
+        sys.excepthook = saved
+    assert err.getvalue() == "multiad bundle: error: bundle option run_config: option epochs must be a int, got 'ten'\n"
+
+
+def test_run_config_checks_like_the_cli(tmp_path):
+    assert run_config(student_se="false", epochs=3).student_se is False
+    assert run_config().to_dict() == RunConfig().to_dict()
+    with pytest.raises(MultiADInputError, match="unknown option"):
+        run_config(epoch=3)
+    with pytest.raises(MultiADInputError, match="backbone"):
+        run_config(backbone="resnet50")
+    with pytest.raises(MultiADInputError, match="--run_config#epochs 10"):
+        check_command_line(["run", "--config_file", "configs/train.json", "--epochs", "10"])
+    check_command_line(["run", "--dataset_dir", "/x", "--device", "cpu", "--run_config#epochs", "3"])
+
+
+def test_resume_checks_the_checkpoint(industrial):
+    from monai_multiad.bundle_support import training_objects
+    from monai_multiad.workflow import build_datasets, build_loader, build_network, build_trainer
+
+    last = next((industrial["run"] / "checkpoints").glob("last_checkpoint_*.pt"))
+    cfg = RunConfig(dataset_dir=str(industrial["data"]), **{**TINY, "epochs": 2, "student_se": False})
+    loader = build_loader(build_datasets(cfg, "train")[0], cfg, True)
+    trainer = build_trainer(cfg, build_network(cfg), loader, torch.device("cpu"))
+    with pytest.raises(WeightsError, match="student_se=True"):
+        check_resume(last, cfg, training_objects(trainer))
+    with pytest.raises(MultiADInputError, match="not found"):
+        check_resume(industrial["run"] / "nothing.pt", cfg, training_objects(trainer))
+    same = RunConfig(dataset_dir=str(industrial["data"]), **TINY)
+    with pytest.raises(MultiADInputError, match="epoch"):  # 1 epoch done, epochs=1: nothing left to do
+        check_resume(last, same, training_objects(build_trainer(same, build_network(same), loader, "cpu")))
