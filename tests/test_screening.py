@@ -18,6 +18,8 @@ from monai.data import MetaTensor
 from monai_multiad.cli import main
 from monai_multiad.config import RunConfig
 from monai_multiad.data.synthetic_volumes import (
+    make_affine,
+    rotation_matrix,
     itk_geometry_from_affine,
     make_phantom_volume,
     write_dicom_series,
@@ -29,24 +31,11 @@ from monai_multiad.transforms import load_volume
 from monai_multiad.workflow import save_model
 
 
-def _rotation(axis, degrees) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    t = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
-
-
-def _affine(lin, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
-    a = np.eye(4)
-    a[:3, :3], a[:3, 3] = lin, origin
-    return a
-
-
 AFFINES = {
     "identity": np.eye(4),
-    "flipped": _affine(np.diag([-1.0, 1.0, -1.0]), (10, -5, 3)),
-    "permuted": _affine(np.array([[0, 0, -1.0], [1.0, 0, 0], [0, -1.0, 0]]), (4, 5, 6)),
-    "oblique": _affine(_rotation((1, 2, 3), 30) @ np.diag([0.8, 1.2, 2.5]), (12, -30, 44)),
+    "flipped": make_affine(np.diag([-1.0, 1.0, -1.0]), (10, -5, 3)),
+    "permuted": make_affine(np.array([[0, 0, -1.0], [1.0, 0, 0], [0, -1.0, 0]]), (4, 5, 6)),
+    "oblique": make_affine(rotation_matrix((1, 2, 3), 30) @ np.diag([0.8, 1.2, 2.5]), (12, -30, 44)),
 }
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from monai_multiad.data.synthetic_volumes import (
+    make_affine,
+    rotation_matrix,
     itk_geometry_from_affine,
     make_phantom_volume,
     write_dicom_series,
@@ -35,26 +37,12 @@ from monai_multiad.transforms import (
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _rotation(axis, degrees) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    t = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
-
-
-def _affine(lin, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
-    a = np.eye(4)
-    a[:3, :3] = lin
-    a[:3, 3] = origin
-    return a
-
-
 AFFINES = {
     "identity": np.eye(4),
-    "flipped": _affine(np.diag([-1.0, 1.0, -1.0]), (10, -5, 3)),
-    "permuted": _affine(np.array([[0, 0, -1.0], [1.0, 0, 0], [0, -1.0, 0]]), (4, 5, 6)),
-    "anisotropic": _affine(np.diag([0.5, 2.0, 3.3]), (-20, 7, 1)),
-    "oblique": _affine(_rotation((1, 2, 3), 30) @ np.diag([0.8, 1.2, 2.5]), (12, -30, 44)),
+    "flipped": make_affine(np.diag([-1.0, 1.0, -1.0]), (10, -5, 3)),
+    "permuted": make_affine(np.array([[0, 0, -1.0], [1.0, 0, 0], [0, -1.0, 0]]), (4, 5, 6)),
+    "anisotropic": make_affine(np.diag([0.5, 2.0, 3.3]), (-20, 7, 1)),
+    "oblique": make_affine(rotation_matrix((1, 2, 3), 30) @ np.diag([0.8, 1.2, 2.5]), (12, -30, 44)),
 }
 
 
@@ -252,7 +240,7 @@ def test_mri_percentiles_and_minmax():
 # ----------------------------------------------------------------------------- slicing
 def test_axial_axis_comes_from_the_affine():
     # array axes: 0 -> superior, 1 -> right, 2 -> anterior (the slice axis is the first one)
-    aff = _affine(np.array([[0, 1.0, 0], [0, 0, 1.0], [2.0, 0, 0]]))
+    aff = make_affine(np.array([[0, 1.0, 0], [0, 0, 1.0], [2.0, 0, 0]]))
     arr = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
     slices, idx, info = volume_to_slices(_mt(arr, aff), "axial", keep_all=True)
     assert slices.shape == (5, 1, 6, 7) and idx == list(range(5)) and info["slice_dim"] == 2
@@ -327,7 +315,7 @@ def test_background_slices_skipped_with_indices_kept():
     assert volume_to_slices(_mt(vol, np.eye(4)), keep_all=True)[1] == list(range(10))
     back = slices_to_volume(slices * 3, idx, info)
     np.testing.assert_array_equal(back[0].numpy(), np.where(vol * (np.arange(10) != 8) > 0, 3.0, 0.0))
-    flipped = _affine(np.diag([1.0, 1.0, -1.0]))  # z reversed: canonical index k is array slice 9 - k
+    flipped = make_affine(np.diag([1.0, 1.0, -1.0]))  # z reversed: canonical index k is array slice 9 - k
     assert volume_to_slices(_mt(vol, flipped), min_foreground=0.05)[1] == [2, 5, 6]
     with pytest.raises(MultiADInputError):
         slices_to_volume(slices, [3, 4], info)

@@ -13,9 +13,25 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["make_phantom_volume", "write_nifti", "write_dicom_series", "itk_geometry_from_affine"]
+__all__ = ["make_phantom_volume", "write_nifti", "write_dicom_series", "itk_geometry_from_affine", "rotation_matrix",
+           "make_affine"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def rotation_matrix(axis: Sequence[float], degrees: float) -> np.ndarray:
+    """3x3 rotation by ``degrees`` about ``axis`` (Rodrigues): oblique test geometries."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def make_affine(linear: np.ndarray, origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """4x4 voxel-to-world affine from a 3x3 linear part (directions times spacing) and an origin."""
+    a = np.eye(4)
+    a[:3, :3], a[:3, 3] = linear, origin
+    return a
 
 
 def make_phantom_volume(
