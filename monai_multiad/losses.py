@@ -39,7 +39,9 @@ class DistillationLoss(nn.Module):
 class DiscriminatorLoss(nn.Module):
     """BCE of the discriminator: normalised teacher stage-4 features real (1), student's fake (0).
 
-    The student's features are detached: this loss trains the discriminator only.
+    The student's features are detached: this loss trains the discriminator only. Real and fake
+    go through the discriminator in one batch, so it is one forward pass (one DDP reduction, one
+    set of batch-norm statistics); with equal counts the mean BCE is the mean of the two terms.
     """
 
     def __init__(self) -> None:
@@ -47,9 +49,11 @@ class DiscriminatorLoss(nn.Module):
         self.bce = nn.BCEWithLogitsLoss()
 
     def forward(self, discriminator: nn.Module, teacher_top: torch.Tensor, student_top: torch.Tensor) -> torch.Tensor:
-        real = discriminator(normalized(teacher_top.detach()))
-        fake = discriminator(normalized(student_top.detach()))
-        return 0.5 * (self.bce(real, torch.ones_like(real)) + self.bce(fake, torch.zeros_like(fake)))
+        feats = torch.cat([normalized(teacher_top.detach()), normalized(student_top.detach())]).float()
+        logits = discriminator(feats)
+        n = teacher_top.shape[0]
+        target = torch.cat([torch.ones(n), torch.zeros(student_top.shape[0])]).to(logits)
+        return self.bce(logits, target)
 
 
 class AdversarialLoss(nn.Module):

@@ -4,14 +4,14 @@ student's distillation + adversarial step and then the discriminator's step, wit
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import ignite.distributed as idist
 import torch
 from monai.engines import Trainer
-from torch import nn
 
-from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss, normalized
+from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss
 from monai_multiad.networks import MultiAD
 
 __all__ = ["MultiADTrainer", "prepare_image_batch"]
@@ -98,7 +98,7 @@ class MultiADTrainer(Trainer):
             self.discriminator = idist.auto_model(network.discriminator, sync_bn=False)
 
     def _autocast(self):
-        return torch.autocast("cuda", enabled=self.amp) if self.state.device.type == "cuda" else _nullcontext()
+        return torch.autocast("cuda", enabled=self.amp) if self.state.device.type == "cuda" else nullcontext()
 
     def _iteration(self, engine: MultiADTrainer, batchdata: Any) -> dict[str, float]:
         images, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
@@ -122,11 +122,7 @@ class MultiADTrainer(Trainer):
         d_loss = torch.zeros(())
         if engine.use_discriminator:
             with engine._autocast():
-                feats = torch.cat([normalized(teacher[-1]), normalized(student[-1].detach())]).float()
-                logits = d_net(feats)
-                n = teacher[-1].shape[0]
-                target = torch.cat([torch.ones(n), torch.zeros(n)]).to(logits)
-                d_loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+                d_loss = engine.discriminator_loss(d_net, teacher[-1], student[-1])
             engine.d_optimizer.zero_grad(set_to_none=True)
             engine._backward_step(d_loss, engine.d_optimizer)
         return {
@@ -150,10 +146,3 @@ class MultiADTrainer(Trainer):
             loss.backward()
             optimizer.step()
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
