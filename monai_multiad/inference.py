@@ -147,8 +147,7 @@ def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, 
     """Score each image; write ``<name>_overlay.png`` (map over image at its original size) and
     ``predictions.json`` (score, threshold, anomalous) to ``out_dir``. An unreadable image is
     recorded with its error and the others go on."""
-    from monai_multiad.data.images import read_image, restore_size
-    import torch.nn.functional as F
+    from monai_multiad.data.images import read_image, resize_image, restore_size
 
     dev = resolve_device(device)
     network, cfg, fusion = load_model(run_dir, dev)
@@ -165,8 +164,7 @@ def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, 
         except MultiADInputError as e:
             results.append({"path": str(path), "error": str(e)})
             continue
-        x = torch.from_numpy(image)[None].to(dev)
-        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
+        x = resize_image(torch.from_numpy(image), (cfg.image_size, cfg.image_size))[None].to(dev)
         amap, score = network(x.clamp(0, 1))
         full = restore_size(amap[0].cpu(), image.shape[-2:])
         full = np.asarray(full)[0]

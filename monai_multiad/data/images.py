@@ -31,6 +31,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "read_image",
     "read_mask",
+    "resize_image",
     "to_channels",
     "list_images",
     "mvtec_samples",
@@ -461,7 +462,7 @@ def _hw(size) -> tuple[int, int] | None:
     return size
 
 
-def _resize_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(C, H, W) -> (C, *size), bilinear with anti-aliasing when shrinking.
 
     torch's ``antialias=True`` (a PIL-style triangle filter whose support grows with the
@@ -480,7 +481,7 @@ class AnomalyImageDataset(Dataset):
     Each item is a dict:
 
     * ``"image"``: float32 tensor ``(in_channels, H, W)`` in [0, 1], resized to ``image_size``
-      (bilinear with anti-aliasing, see :func:`_resize_bilinear`); ``image_size=None`` keeps the size.
+      (bilinear with anti-aliasing, see :func:`resize_image`); ``image_size=None`` keeps the size.
     * ``"mask"``: float32 tensor ``(1, H, W)`` of 0/1, nearest-resized with
       ``monai.transforms.Resize(mode="nearest")`` (zeros when no mask).
     * ``"label"``: int; ``"has_mask"``: bool (False for an anomalous image without a mask file).
@@ -542,7 +543,7 @@ class AnomalyImageDataset(Dataset):
             mask = torch.zeros((1, *out_hw), dtype=torch.float32)
         image = torch.from_numpy(image)
         if out_hw != (h, w):
-            image = _resize_bilinear(image, out_hw).clamp_(0.0, 1.0)
+            image = resize_image(image, out_hw).clamp_(0.0, 1.0)
         image = to_channels(image, self.in_channels).contiguous()
         return image, mask, (int(h), int(w))
 
