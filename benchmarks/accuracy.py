@@ -127,7 +127,7 @@ def markdown(report: dict) -> str:
         for r in (r for r in report["rows"] if r["config"] == config):
             lines.append(f"| {r['category']} | " + " | ".join(_f(r[k]) for k in METRICS) + f" | {r['train_seconds']:.0f} |")
         mean = report["means"][config]
-        lines += [f"| **mean** | " + " | ".join(_f(mean[k]) for k in METRICS) + f" | {mean['train_seconds']:.0f} |", ""]
+        lines += ["| **mean** | " + " | ".join(_f(mean[k]) for k in METRICS) + f" | {mean['train_seconds']:.0f} |", ""]
     if len(report["means"]) > 1:
         lines += ["## Ablation (mean over categories)", "", "| configuration " + head, "|---|---|---|---|---|---|"]
         for config, mean in report["means"].items():

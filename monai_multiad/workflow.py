@@ -149,9 +149,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Mu
         state = payload["state_dict"]
     except (KeyError, TypeError) as e:
         raise WeightsError(f"{path}: not a monai-multiad model file (missing {e})") from e
-    except WeightsError:
-        raise
-    except MultiADInputError:
+    except MultiADInputError:  # WeightsError included: already names the file
         raise
     except Exception as e:
         raise WeightsError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from e
