@@ -27,7 +27,7 @@ class RunConfig:
 
     # data
     dataset_dir: str = _opt("", "dataset root: MVTec AD layout, BMAD slice layout, or a volume folder")
-    layout: str = _opt("auto", "dataset layout", choices=("auto", "mvtec", "bmad", "volumes"))
+    layout: str = _opt("auto", "dataset layout", choices=("auto", "mvtec", "bmad", "folder", "volumes"))
     image_size: int = _opt(256, "side of the square images the network sees (px)")
     in_channels: int = _opt(3, "1 for grayscale input, 3 for RGB", choices=(1, 3))
     val_fraction: float = _opt(0.1, "fraction of normal training images held out to validate and fit the fusion")

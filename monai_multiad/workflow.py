@@ -82,11 +82,11 @@ def build_datasets(cfg: RunConfig, split: str = "train") -> Dataset | tuple[Data
 
     size, ch = cfg.image_size, cfg.in_channels
     if split == "train":
-        train, val = split_normals(samples_for(root, "train"), fraction=cfg.val_fraction, seed=cfg.seed)
+        train, val = split_normals(samples_for(root, "train", layout), fraction=cfg.val_fraction, seed=cfg.seed)
         if not val:
             raise MultiADInputError(f"{root}: too few normal training images to hold out a validation set")
         return AnomalyImageDataset(train, size, ch, cache=True), AnomalyImageDataset(val, size, ch, cache=True)
-    return AnomalyImageDataset(samples_for(root, split), size, ch)
+    return AnomalyImageDataset(samples_for(root, split, layout), size, ch)
 
 
 def _detect_layout(root: Path) -> str:

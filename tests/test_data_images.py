@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from monai_multiad.data.images import (
+    check_mask_size,
+    check_masks,
     AnomalyImageDataset,
     bmad_samples,
     detect_layout,
@@ -222,6 +224,70 @@ def test_mvtec_missing_mask_and_size_mismatch(tmp_path):
         AnomalyImageDataset([scratch], image_size=16)[0]
     msg = str(err.value)
     assert scratch["mask"] in msg and scratch["image"] in msg and "20x32" in msg and "32x32" in msg
+
+
+def test_mask_of_same_aspect_ratio_is_resized_other_aspect_is_refused(tmp_path):
+    root = write_mvtec_dataset(tmp_path / "cat", n_train=2, n_test_good=1, n_test_defect=1, size=32, channels=1)
+    scratch = next(s for s in mvtec_samples(root, "test") if s["defect"] == "scratch")
+    _mask_png(Path(scratch["mask"]), size=(16, 16))  # half resolution: resized with its image
+    check_masks([scratch])
+    item = AnomalyImageDataset([scratch], image_size=None)[0]
+    assert item["mask"].shape == (1, 32, 32) and item["mask"].sum() == 64  # the 4x4 square, twice the size
+    assert AnomalyImageDataset([scratch], image_size=8)[0]["mask"].shape == (1, 8, 8)
+    check_mask_size((375, 500), (751, 1000), "m.png", "i.png")  # one mask pixel of rounding
+    _mask_png(Path(scratch["mask"]), size=(32, 16))  # another aspect ratio: a wrong pairing
+    for check in (lambda: check_masks([scratch]), lambda: AnomalyImageDataset([scratch], image_size=8)[0]):
+        with pytest.raises(MultiADInputError) as err:
+            check()
+        msg = str(err.value)
+        assert msg.startswith(scratch["mask"]) and scratch["image"] in msg and "32x16" in msg and "32x32" in msg
+
+
+def _plain_folders(root: Path, n_good: int = 7, normal_test: bool = False) -> Path:
+    for i in range(n_good):
+        _touch_png(root / "good" / f"{i:02d}.png")
+    for name in ("a.png", "b.png"):
+        _touch_png(root / "crack" / name)
+    _touch_png(root / "dent" / "c.png")
+    _mask_png(root / "mask" / "crack" / "a_mask.png")
+    if normal_test:
+        _touch_png(root / "normal_test" / "n.png")
+    return root
+
+
+def test_plain_folder_layout(tmp_path):
+    root = _plain_folders(tmp_path / "parts")
+    assert detect_layout(root) == "folder"
+    train, test = samples_for(root, "train"), samples_for(root, "test", "folder")
+    assert [Path(s["image"]).name for s in train] == ["00.png", "01.png", "02.png", "03.png", "05.png", "06.png"]
+    normals = [Path(s["image"]).name for s in test if s["label"] == 0]
+    assert normals == ["04.png"]  # every fifth by name: kept out of training
+    anomalous = {Path(s["image"]).name: s for s in test if s["label"] == 1}
+    assert sorted(anomalous) == ["a.png", "b.png", "c.png"]
+    assert anomalous["a.png"]["mask"].endswith("a_mask.png") and anomalous["b.png"]["mask"] is None
+    assert anomalous["c.png"]["defect"] == "dent"
+
+    with_normal_test = _plain_folders(tmp_path / "parts2", normal_test=True)
+    assert len(samples_for(with_normal_test, "train")) == 7
+    assert [Path(s["image"]).name for s in samples_for(with_normal_test, "test") if s["label"] == 0] == ["n.png"]
+    with pytest.raises(MultiADInputError, match="valid"):
+        samples_for(root, "valid")
+
+
+def test_the_layout_given_is_the_layout_read(tmp_path):
+    mvtec = write_mvtec_dataset(tmp_path / "cat", n_train=2, n_test_good=1, n_test_defect=2, size=16)
+    assert len(samples_for(mvtec, "train", "mvtec")) == 2
+    with pytest.raises(MultiADInputError) as err:
+        samples_for(mvtec, "train", "folder")
+    assert str(mvtec / "good") in str(err.value)
+    with pytest.raises(MultiADInputError, match="valid folder not found"):
+        samples_for(mvtec, "valid", "bmad")
+    plain = _plain_folders(tmp_path / "parts")
+    with pytest.raises(MultiADInputError) as err:
+        samples_for(plain, "train", "mvtec")
+    assert str(plain / "train" / "good") in str(err.value)
+    with pytest.raises(MultiADInputError, match="unknown image layout"):
+        samples_for(plain, "train", "volumes")
 
 
 def test_folder_layout(tmp_path):

@@ -5,6 +5,8 @@ Layouts (see ``MULTIAD_SPEC.md``):
 * MVTec AD: ``<root>/train/good``, ``<root>/test/{good,<defect>}``,
   ``<root>/ground_truth/<defect>/<stem>_mask.png``  -> :func:`mvtec_samples`
 * a pair of plain folders (normal, abnormal, optional masks)  -> :func:`folder_samples`
+* the plain-folder layout (anomalib's ``Folder``): ``<root>/good``, ``<root>/<defect>``, optional
+  ``<root>/normal_test`` and ``<root>/mask/<defect>``  -> :func:`folder_layout_samples`
 * BMAD slices: ``<root>/train/good[/img]``, ``<root>/{valid,test}/{good,Ungood}/img``,
   masks in ``<root>/{valid,test}/Ungood/label`` with the image's file name  -> :func:`bmad_samples`
 
@@ -36,10 +38,14 @@ __all__ = [
     "list_images",
     "mvtec_samples",
     "folder_samples",
+    "folder_layout_samples",
     "bmad_samples",
+    "LAYOUTS",
     "detect_layout",
     "samples_for",
     "split_normals",
+    "check_mask_size",
+    "check_masks",
     "AnomalyImageDataset",
     "restore_size",
 ]
@@ -392,14 +398,61 @@ def bmad_samples(root, split: str = "train") -> list[dict]:
     return samples
 
 
+#: reserved sub-folder names of the plain-folder layout (everything else is a class of anomaly)
+FOLDER_NORMAL, FOLDER_NORMAL_TEST, FOLDER_MASKS = "good", "normal_test", ("mask", "masks")
+#: every ``FOLDER_TEST_EVERY``-th image of ``good/`` (by name) is a test image when there is no ``normal_test/``
+FOLDER_TEST_EVERY = 5
+
+
+def folder_layout_samples(root, split: str = "train") -> list[dict]:
+    """Samples of a plain-folder dataset, the layout of anomalib's ``Folder``::
+
+        <root>/good/                  normal images
+        <root>/<defect>/              anomalous images, one folder per kind (any other name)
+        <root>/normal_test/           optional: normal test images
+        <root>/mask/<defect>/         optional: masks, <stem>.<ext> or <stem>_mask.<ext>
+
+    ``split="train"``: the images of ``good/``, except, when there is no ``normal_test/``, every
+    fifth one by name (the 5th, 10th, ...), which is kept for testing. ``"test"``: those held-out
+    (or ``normal_test/``'s) normal images (label 0) and every ``<defect>/`` image (label 1) with its
+    mask when ``mask/<defect>/`` has one (else ``mask=None``: image-level metrics only).
+    """
+    root = _require_dir(Path(root), "dataset folder")
+    _check_split(split, ("train", "test"), root)
+    good = list_images(_require_dir(root / FOLDER_NORMAL, f"{FOLDER_NORMAL}/ folder of normal images"))
+    normal_test = root / FOLDER_NORMAL_TEST
+    if normal_test.is_dir():
+        train, test_normal = good, list_images(normal_test)
+    else:
+        held = {i for i in range(len(good)) if i % FOLDER_TEST_EVERY == FOLDER_TEST_EVERY - 1}
+        train = [p for i, p in enumerate(good) if i not in held]
+        test_normal = [p for i, p in enumerate(good) if i in held]
+    if split == "train":
+        return [_sample(p, None, 0, "good") for p in train]
+    samples = [_sample(p, None, 0, "good") for p in test_normal]
+    reserved = {FOLDER_NORMAL, FOLDER_NORMAL_TEST, *FOLDER_MASKS}
+    mask_root = next((root / m for m in FOLDER_MASKS if (root / m).is_dir()), None)
+    for cls in _subdirs(root):
+        if cls.name.lower() in reserved:
+            continue
+        files = list_images(cls, required=False)
+        masks = _mask_index(mask_root / cls.name) if mask_root is not None else {}
+        samples += [_sample(p, masks.get(p.stem), 1, cls.name) for p in files]
+    return samples
+
+
 _EXPECTED = (
-    "expected MVTec AD (train/good, test/good, test/<defect>, ground_truth/<defect>/<name>_mask.png) "
-    "or BMAD (train/good[/img], {valid,test}/{good,Ungood}/img, {valid,test}/Ungood/label)"
+    "expected MVTec AD (train/good, test/good, test/<defect>, ground_truth/<defect>/<name>_mask.png), "
+    "BMAD (train/good[/img], {valid,test}/{good,Ungood}/img, {valid,test}/Ungood/label) "
+    "or plain folders (good/, <defect>/, optional normal_test/ and mask/<defect>/)"
 )
+
+#: the 2D image layouts :func:`samples_for` reads
+LAYOUTS = ("mvtec", "bmad", "folder")
 
 
 def detect_layout(root) -> str:
-    """``"mvtec"`` or ``"bmad"`` from the folder structure; MultiADInputError when neither."""
+    """``"mvtec"``, ``"bmad"`` or ``"folder"`` from the folder structure; MultiADInputError when none."""
     root = _require_dir(Path(root), "dataset folder")
     for split in ("valid", "test"):
         if _child(root / split, "Ungood").is_dir() or _child(_child(root / split, "good"), "img").is_dir():
@@ -408,22 +461,30 @@ def detect_layout(root) -> str:
         return "bmad"
     if (root / "train" / "good").is_dir() and ((root / "test").is_dir() or (root / "ground_truth").is_dir()):
         return "mvtec"
+    if (root / FOLDER_NORMAL).is_dir() and not (root / "train").is_dir():
+        return "folder"
     found = [p.name + "/" for p in _subdirs(root)]
     found_txt = ", ".join(found[:12]) + (" ..." if len(found) > 12 else "") if found else "no subfolders"
     raise input_error(root, f"unknown dataset layout: {_EXPECTED}; found {found_txt}")
 
 
-def samples_for(root, split: str = "train") -> list[dict]:
-    """Samples of ``root`` for ``split``, with the layout found by :func:`detect_layout`.
+def samples_for(root, split: str = "train", layout: str = "auto") -> list[dict]:
+    """Samples of ``root`` for ``split`` in ``layout`` (one of :data:`LAYOUTS`; ``"auto"``: the
+    one :func:`detect_layout` finds). The layout given is the one read: a folder that does not
+    follow it is an error naming what is missing.
 
-    MVTec AD has no ``valid`` split: use :func:`split_normals` on the train samples instead.
+    MVTec AD and the plain-folder layout have no ``valid`` split: use :func:`split_normals` on
+    the train samples instead.
     """
-    layout = detect_layout(root)
-    if layout == "mvtec":
-        if split == "valid":
-            raise input_error(root, "an MVTec AD folder has no 'valid' split; hold out normal train images with split_normals")
-        return mvtec_samples(root, split)
-    return bmad_samples(root, split)
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout not in LAYOUTS:
+        raise input_error(root, f"unknown image layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+    if layout == "bmad":
+        return bmad_samples(root, split)
+    if split == "valid":
+        raise input_error(root, f"a {layout} dataset has no 'valid' split; hold out normal train images with split_normals")
+    return mvtec_samples(root, split) if layout == "mvtec" else folder_layout_samples(root, split)
 
 
 def split_normals(samples: Sequence[dict], fraction: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -449,6 +510,44 @@ def split_normals(samples: Sequence[dict], fraction: float = 0.1, seed: int = 0)
 
 
 # ----------------------------------------------------------------------------- dataset
+
+
+def _header_size(path) -> tuple[int, int] | None:
+    """(H, W) from the file's header without decoding it, or None when the header is not readable."""
+    from PIL import Image
+
+    try:
+        with Image.open(str(path)) as im:
+            w, h = im.size
+        return int(h), int(w)
+    except Exception:  # noqa: BLE001 - the full read reports what is wrong with the file
+        return None
+
+
+def check_masks(samples: Sequence[dict]) -> None:
+    """Check, from the files' headers (fast: nothing is decoded), that every sample's mask has its
+    image's aspect ratio (:func:`check_mask_size`): a wrong pairing is reported before any work."""
+    for s in samples:
+        if s.get("mask"):
+            mask_hw, image_hw = _header_size(s["mask"]), _header_size(s["image"])
+            if mask_hw is not None and image_hw is not None:
+                check_mask_size(mask_hw, image_hw, s["mask"], s["image"])
+
+
+def check_mask_size(mask_hw: Sequence[int], image_hw: Sequence[int], mask_path, image_path) -> None:
+    """Refuse a mask whose aspect ratio differs from its image's: MultiADInputError naming both
+    files and both sizes. Sizes that differ at the same aspect ratio pass (the mask is then
+    resized with its image); the ratios may differ by the rounding of one mask pixel."""
+    (mh, mw), (h, w) = (int(v) for v in mask_hw[-2:]), (int(v) for v in image_hw[-2:])
+    if (mh, mw) == (h, w):
+        return
+    sy, sx = h / mh, w / mw  # image pixels per mask pixel, down and across
+    if abs(sy - sx) <= max(sy, sx) / min(mh, mw):
+        return
+    raise input_error(mask_path, f"mask is {mh}x{mw} (HxW) but its image {image_path} is {h}x{w}: another aspect "
+                                 "ratio, so probably not this image's mask")
+
+
 
 
 def _hw(size) -> tuple[int, int] | None:
@@ -491,7 +590,9 @@ class AnomalyImageDataset(Dataset):
 
     ``cache=True`` keeps the decoded, resized tensors in memory (per process: each DataLoader
     worker has its own cache). ``transform`` (optional) is applied to the item dict last.
-    A mask whose size differs from its image raises MultiADInputError naming both files.
+    A mask of another size than its image is resized with it when it has the same aspect ratio
+    (to within one mask pixel, see :func:`check_mask_size`); one of another aspect ratio, almost
+    always a wrong pairing, raises MultiADInputError naming both files and both sizes.
     """
 
     def __init__(
@@ -519,6 +620,7 @@ class AnomalyImageDataset(Dataset):
         return len(self.samples)
 
     def _load(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        from monai.transforms import Resize
         from monai.utils import convert_to_tensor
 
         image = read_image(sample["image"])
@@ -529,15 +631,10 @@ class AnomalyImageDataset(Dataset):
         mask_path = sample.get("mask")
         if mask_path:
             mask = read_mask(mask_path)
-            if mask.shape != (h, w):
-                raise input_error(
-                    mask_path,
-                    f"mask size {mask.shape[0]}x{mask.shape[1]} (HxW) differs from its image "
-                    f"{sample['image']} of size {h}x{w}",
-                )
+            check_mask_size(mask.shape, (h, w), mask_path, sample["image"])
             mask = mask[None].astype(np.float32)
-            if out_hw != (h, w):
-                mask = self._resize_mask(mask)
+            if mask.shape[1:] != out_hw:  # a same-aspect mask of another size is resized like its image
+                mask = Resize(out_hw, mode="nearest")(mask) if self.image_size is None else self._resize_mask(mask)
             mask = (convert_to_tensor(mask, dtype=torch.float32, track_meta=False) > 0.5).float().contiguous()
         else:
             mask = torch.zeros((1, *out_hw), dtype=torch.float32)
