@@ -40,8 +40,20 @@ def anomaly_metrics(pixel: bool = True) -> tuple[dict, dict]:
     return key, extra
 
 
+def _mask_coverage(dataset) -> tuple[int, int]:
+    """(anomalous test samples with a ground-truth mask, anomalous test samples) of a test dataset.
+    A dataset without ``samples`` (volume slices, whose labels come with their masks) counts as covered."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return 1, 1
+    anomalous = [s for s in samples if int(s["label"]) == 1]
+    return sum(1 for s in anomalous if s.get("mask")), len(anomalous)
+
+
 def format_table(metrics: dict[str, Any]) -> str:
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+    """The metrics as aligned ``name  value`` lines; a metric that was not computed shows as ``skipped``."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else "skipped" if v is None else str(v))
+            for k, v in metrics.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -53,18 +65,41 @@ def evaluate(
     device: str = "auto",
     batch_size: int | None = None,
     sheet_size: int = 8,
+    layout: str | None = None,
 ) -> dict[str, Any]:
-    """Score the test split of ``dataset_dir`` (default: the one trained on) and write
-    ``metrics.json``, ``scores.csv`` and ``contact_sheet.png`` (most and least anomalous) to ``out_dir``."""
+    """Score the test split of ``dataset_dir`` (default: the one trained on; ``layout``: its layout,
+    default the run's) and write ``metrics.json``, ``scores.csv`` and ``contact_sheet.png`` (most and
+    least anomalous) to ``out_dir``.
+
+    Pixel AUROC and AUPRO are computed on the images whose ground truth is known (normal images,
+    anomalous ones with a mask). When no anomalous image has a mask (a labels-only test set) they are
+    ``None`` and ``pixel_metrics`` says why; when some lack one, it says on how many they were computed.
+    """
     dev = resolve_device(device)
     network, cfg, fusion = load_model(run_dir, dev)
-    cfg = RunConfig.from_dict({**cfg.to_dict(), **({"dataset_dir": str(dataset_dir)} if dataset_dir else {}),
-                               **({"batch_size": batch_size} if batch_size else {})})
-    out_dir = Path(out_dir or run_dir)
+    overrides = {"dataset_dir": str(dataset_dir) if dataset_dir else None, "batch_size": batch_size, "layout": layout}
+    cfg = RunConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v}})
+    out_dir = Path(out_dir or run_dir).absolute()
     test_ds = build_datasets(cfg, "test")
     if len(test_ds) == 0:
         raise MultiADInputError(f"{cfg.dataset_dir}: the test split is empty")
-    key, extra = anomaly_metrics(pixel=True)
+    if getattr(test_ds, "samples", None) is not None:
+        from monai_multiad.data.images import check_masks
+
+        check_masks(test_ds.samples)  # a mask paired with the wrong image: one line, before any work
+    with_mask, anomalous = _mask_coverage(test_ds)
+    if anomalous == 0:
+        raise MultiADInputError(f"{cfg.dataset_dir}: the test split has no anomalous images: nothing to evaluate "
+                                "against (see 'multiad train --help' for the layouts)")
+    if with_mask == 0:
+        pixel_note = (f"skipped: none of the {anomalous} anomalous test images has a ground-truth mask "
+                      "(labels only); image-level metrics only")
+    elif with_mask < anomalous:
+        pixel_note = (f"computed on the {with_mask} of {anomalous} anomalous test images that have a mask "
+                      "(and the normal images)")
+    else:
+        pixel_note = "computed on every test image"
+    key, extra = anomaly_metrics(pixel=with_mask > 0)
     evaluator = MultiADEvaluator(dev, build_loader(test_ds, cfg, shuffle=False), network,
                                  key_val_metric=key, additional_metrics=extra, amp=cfg.amp)
     rows: list[dict[str, Any]] = []
@@ -77,13 +112,16 @@ def evaluate(
 
     try:
         evaluator.run()
+    except MultiADInputError:  # a file that cannot be used (unreadable image, mismatched mask): names it
+        raise
     except ValueError as e:
         raise MultiADInputError(f"{cfg.dataset_dir}: cannot compute the metrics ({e})") from e
     m = evaluator.state.metrics
     metrics = {
         "image_auroc": m["image_auroc"],
-        "pixel_auroc": m["pixel_auroc"],
-        "aupro": m["aupro"],
+        "pixel_auroc": m.get("pixel_auroc"),
+        "aupro": m.get("aupro"),
+        "pixel_metrics": pixel_note,
         "f1_max": m["f1"]["f1_max"],
         "f1_threshold": m["f1"]["threshold"],
         "normal_threshold": fusion.get("threshold"),
@@ -152,10 +190,12 @@ def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, 
     dev = resolve_device(device)
     network, cfg, fusion = load_model(run_dir, dev)
     threshold = fusion.get("threshold")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # predictions.json names files that are found from anywhere
     results, used = [], set()
     for path in _collect_images(inputs):
         name = path.stem
+        if name in used:  # same file name in another folder (test/good/000.png, test/blob/000.png)
+            name = f"{path.parent.name}_{path.stem}"
         while name in used:
             name += "_"
         used.add(name)
