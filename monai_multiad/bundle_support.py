@@ -12,8 +12,9 @@ The bundles' configs build their objects with :mod:`monai_multiad.workflow` (``b
   ``verify_net_in_out`` and ``ckpt_export`` handle; the image score is the map's maximum) and whose
   ``load_state_dict`` names what does not fit;
 * :func:`install_error_hook`: ``python -m monai.bundle run`` ends bad input with one line;
-* :func:`check_command_line`, :func:`require_dataset_dir`, :func:`check_resume`: early checks of the
-  command line, the dataset folder and a checkpoint to resume from, each a one-line error;
+* :func:`check_command_line`, :func:`require_dataset_dir`, :func:`check_resume`,
+  :func:`~monai_multiad.io.check_output_dir`: early checks of the command line, the dataset folder,
+  a checkpoint to resume from and an output folder, each a one-line error;
 * :func:`image_inputs`, :func:`volume_scans`: what inference reads from a folder;
 * :func:`training_objects`: what a training checkpoint holds (as ``workflow.train`` saves it);
 * :func:`prepare_run_dir`: the run folder and its ``config.json``;
@@ -35,12 +36,14 @@ import torch
 
 from monai_multiad.config import MODEL_KEYS, RunConfig
 from monai_multiad.errors import MultiADInputError, WeightsError
+from monai_multiad.io import check_output_dir
 from monai_multiad.networks import MultiAD
 
 __all__ = [
     "AnomalyMapNetwork",
     "anomaly_map_network",
     "check_command_line",
+    "check_output_dir",
     "check_resume",
     "finish_training",
     "image_inputs",
@@ -72,7 +75,15 @@ def run_config(**options: Any) -> RunConfig:
             clean[name] = value.strip().lower() in _TRUE
     if isinstance(clean.get("discriminator_channels"), tuple):
         clean["discriminator_channels"] = list(clean["discriminator_channels"])
-    return RunConfig.from_dict(clean, "bundle option run_config")
+    if isinstance(clean.get("dataset_dir"), str) and clean["dataset_dir"].strip():
+        # resolved here, at the edge: the run's config.json names the data from any working folder
+        clean["dataset_dir"] = str(Path(clean["dataset_dir"]).absolute())
+    cfg = RunConfig.from_dict(clean, "bundle option run_config")
+    if cfg.layout != "auto" or (cfg.dataset_dir and Path(cfg.dataset_dir).is_dir()):
+        from monai_multiad.workflow import resolve_options
+
+        cfg = resolve_options(cfg)  # e.g. foreground "auto" -> on for volumes, as `multiad train` records it
+    return cfg
 
 
 class AnomalyMapNetwork(MultiAD):
@@ -226,7 +237,7 @@ def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, resume: str | Path | No
 
     from monai_multiad.io import write_json
 
-    run_dir = Path(run_dir)
+    run_dir = check_output_dir(run_dir, "run folder", inputs=(cfg.dataset_dir,))
     if idist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
@@ -237,10 +248,14 @@ def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, resume: str | Path | No
 
 def image_inputs(folder: str | Path) -> list[str]:
     """Images to predict on: ``folder`` when it holds images, else its sub-folders that do (an MVTec
-    ``test/`` folder: ``good/``, ``<defect>/``); a :class:`MultiADInputError` when there are none."""
+    ``test/`` folder: ``good/``, ``<defect>/``; a plain-folder dataset: ``good/``, ``<defect>/``); for
+    an MVTec AD or BMAD dataset root, those of its ``test/`` folder. A :class:`MultiADInputError`
+    when there are none."""
     from monai_multiad.data.images import list_images
 
     folder = require_dataset_dir(folder, "--input_dir")
+    if (folder / "test").is_dir() and not list_images(folder, required=False):
+        folder = folder / "test"
     if list_images(folder, required=False):
         return [str(folder)]
     subs = [str(d) for d in sorted(folder.iterdir()) if d.is_dir() and list_images(d, required=False)]
@@ -292,7 +307,7 @@ def finish_training(
     if best is not None and best.is_file():
         objects = {k: v for k, v in training_objects(trainer).items() if k in ("student", "discriminator")}
         Checkpoint.load_objects(objects, torch.load(best, map_location=device, weights_only=True))
-    fusion = fit_fusion(network, val_loader, device, cfg.threshold_quantile)
+    fusion = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
     summary = {
         "epochs": trainer.state.epoch,
         "iterations": trainer.state.iteration,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError
+from monai_multiad.io import check_output_dir
 
 __all__ = ["main", "build_parser"]
 
@@ -50,6 +51,24 @@ def _config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -
     return RunConfig.from_dict(data, "command line")
 
 
+LAYOUT_HELP = """dataset layouts (--layout; auto finds the first that fits):
+  mvtec    DIR/train/good/*.png             normal training images
+           DIR/test/good/, DIR/test/<defect>/   test images (normal, anomalous)
+           DIR/ground_truth/<defect>/<name>_mask.png   optional masks
+  bmad     DIR/train/good[/img]/, DIR/{valid,test}/{good,Ungood}/img/,
+           masks in DIR/{valid,test}/Ungood/label/ with the image's file name
+  folder   plain folders, as anomalib's Folder:
+           DIR/good/                 normal images; without normal_test/, every
+                                     fifth (by name) is kept for testing
+           DIR/<defect>/             anomalous test images, one folder per kind
+           DIR/normal_test/          optional normal test images
+           DIR/mask/<defect>/        optional masks: <name>.png or <name>_mask.png
+  volumes  NIfTI files or DICOM series folders (DIR/<case>.nii.gz or
+           DIR/<case>/<image>.nii.gz, labels *mask*/*seg*), optional splits.json
+Images: PNG, JPEG, TIFF, BMP; gray or RGB; 8 or 16 bit. A mask of another size than
+its image is resized with it when the aspect ratio is the same, else it is an error."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multiad",
@@ -60,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train on the normal images of a dataset and write a run folder",
-                       description="Train Multi-AD on the normal training images of DATASET_DIR "
-                       "(MVTec AD or BMAD layout, or a volume folder with splits.json), fit the fusion "
-                       "statistics on held-out normals, and write the run folder.")
-    p.add_argument("dataset_dir", help="dataset root")
+                       description="Train Multi-AD on the normal training images of DATASET_DIR, fit the fusion "
+                       "statistics on held-out normals, and write the run folder.",
+                       epilog=LAYOUT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset_dir", help="dataset root, in one of the layouts below")
     p.add_argument("--run-dir", required=True, help="output run folder (config.json, model.pt, checkpoints/, log.csv)")
     p.add_argument("--config", help="a config.json to start from (command-line options override it)")
     p.add_argument("--resume", help="continue from a run folder's last checkpoint (or a checkpoint file)")
@@ -73,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="compute image/pixel AUROC, AUPRO and F1-max on a test split",
                        description="Evaluate a trained run on the labelled test split; writes metrics.json, "
-                       "scores.csv and contact_sheet.png, and prints a table.")
+                       "scores.csv and contact_sheet.png, and prints a table. Pixel AUROC and AUPRO need "
+                       "ground-truth masks: where the anomalous images have none (labels only), they are "
+                       "skipped, with the reason in the table and metrics.json.")
     p.add_argument("--run", required=True, help="run folder written by 'multiad train'")
     p.add_argument("--dataset-dir", help="dataset root (default: the one trained on)")
+    p.add_argument("--layout", choices=RunConfig.__dataclass_fields__["layout"].metadata["choices"],
+                   help="layout of --dataset-dir (default: the run's; see 'multiad train --help')")
     p.add_argument("--out", help="output folder (default: the run folder)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
@@ -110,60 +133,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    from monai_multiad.workflow import train
+def _shown(path: str | Path) -> str:
+    """A path as a user reads it: relative to the working folder when inside it."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
+
+def _absolute(path: str | Path | None) -> Path | None:
+    return None if path is None else Path(path).absolute()
+
+
+def _train(args: argparse.Namespace) -> int:
     base = RunConfig.load(args.config) if args.config else None
     cfg = _config_from_args(args, base)
+    if not cfg.dataset_dir:
+        raise MultiADInputError("no dataset folder given")
+    run_dir = check_output_dir(args.run_dir, "run folder (--run-dir)", inputs=(cfg.dataset_dir,))
+    cfg.dataset_dir = str(Path(cfg.dataset_dir).absolute())  # config.json names the data from anywhere
+    resume = _absolute(args.resume)
+    from monai_multiad.workflow import train
+
     if args.nproc > 1:
         from monai_multiad.distributed import train_distributed
 
-        summary = train_distributed(cfg, args.run_dir, args.nproc, resume=args.resume)
+        summary = train_distributed(cfg, run_dir, args.nproc, resume=resume)
     else:
-        summary = train(cfg, args.run_dir, resume=args.resume)
+        summary = train(cfg, run_dir, resume=resume)
     print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
           f"{summary['train_seconds']} s on {summary['device']}; run folder: {args.run_dir}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    out = check_output_dir(args.out, "output folder (--out)", inputs=(args.dataset_dir,)) if args.out else None
     from monai_multiad.inference import evaluate, format_table
 
-    metrics = evaluate(args.run, args.dataset_dir, args.out, args.device, args.batch_size)
+    metrics = evaluate(_absolute(args.run), _absolute(args.dataset_dir), out, args.device, args.batch_size,
+                       layout=args.layout)
     print(format_table(metrics))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    out = check_output_dir(args.out, "output folder (--out)", inputs=tuple(args.inputs))
     from monai_multiad.inference import predict
 
-    results = predict(args.run, args.inputs, args.out, args.device)
+    results = predict(_absolute(args.run), [_absolute(p) for p in args.inputs], out, args.device)
     for r in results:
         if "error" in r:
-            print(f"{r['path']}: ERROR {r['error']}")
+            print(f"{_shown(r['path'])}: ERROR {r['error']}")
         else:
-            print(f"{r['path']}: score {r['score']:.4f}{'  ANOMALOUS' if r['anomalous'] else ''}")
+            print(f"{_shown(r['path'])}: score {r['score']:.4f}{'  ANOMALOUS' if r['anomalous'] else ''}")
     print(f"wrote {Path(args.out) / 'predictions.json'}")
     return 1 if any("error" in r for r in results) else 0
 
 
 def _screen(args: argparse.Namespace) -> int:
+    out = check_output_dir(args.out, "output folder (--out)", inputs=tuple(args.scans))
     from monai_multiad.screening import screen_paths
 
-    report = screen_paths(args.run, args.scans, args.out, device=args.device, modality=args.modality,
-                          window=args.window, series_uid=args.series, batch_size=args.batch_size, top_k=args.top_k)
+    report = screen_paths(_absolute(args.run), [_absolute(p) for p in args.scans], out, device=args.device,
+                          modality=args.modality, window=args.window, series_uid=args.series,
+                          batch_size=args.batch_size, top_k=args.top_k)
     failed = [r for r in report if r.get("status") != "ok"]
     for r in report:
         line = f"score {r['scan_score']:.4f}" if r.get("status") == "ok" else f"FAILED {r.get('error')}"
-        print(f"{r['scan']}: {line}")
+        print(f"{_shown(r['scan'])}: {line}")
     print(f"wrote {Path(args.out) / 'report.csv'}")
     return 1 if failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    out = check_output_dir(args.out, "demo folder (--out)")
     from monai_multiad.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, device=args.device)
+    run_demo(out, steps=args.steps, device=args.device)
     return 0
 
 
@@ -175,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command in ("train", "demo"):
         logging.getLogger("monai_multiad").setLevel(logging.INFO)
+    if not args.verbose:  # Ignite logs an engine's exception before raising it: the one line below says it
+        logging.getLogger("ignite").setLevel(logging.CRITICAL)
     try:
         return COMMANDS[args.command](args)
     except MultiADInputError as e:
