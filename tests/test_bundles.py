@@ -1,5 +1,6 @@
 """The MONAI bundles in ``bundles/``: train -> evaluate -> inference as a user types them
-(``python -m monai.bundle run ...`` in a subprocess, on tiny generated data; the industrial bundle
+(``python -m monai.bundle run ...`` in a subprocess, from a working folder holding the data, with a
+relative ``bundle_root`` and ``dataset_dir``, on tiny generated data; the industrial bundle
 trains with its multi-GPU config, two gloo processes under torchrun), their metadata against
 MONAI's schema (offline), ``verify_net_in_out``, ``ckpt_export`` against the trained model, and
 what a user sees on bad input."""
@@ -46,11 +47,15 @@ def _tiny_args(**extra) -> list[str]:
     return args + ["--device", "cpu"]
 
 
-def bundle(name: str, *args: str, launcher: list[str] | None = None, check: bool = True, threads: str = "2"):
-    """``python -m monai.bundle ARGS`` in the bundle's folder, as a user runs it."""
+def bundle(name: str, *args: str, launcher: list[str] | None = None, check: bool = True, threads: str = "2",
+           cwd: Path | None = None):
+    """``python -m monai.bundle ARGS`` as a user runs it: in the bundle's folder, or in ``cwd`` with the
+    ``--config_file`` paths (``configs/...``) made to point into the bundle."""
+    if cwd is not None:
+        args = tuple(a.replace("configs/", str(BUNDLES / name / "configs") + "/") for a in args)
     cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", *args]
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    proc = subprocess.run(cmd, cwd=BUNDLES / name, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=cwd or BUNDLES / name, capture_output=True, text=True, timeout=300, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -80,9 +85,9 @@ def industrial(tmp_path_factory):
     root = tmp / "bundle_root"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     proc = bundle("multiad_industrial", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-                  "--bundle_root", str(root), "--dataset_dir", str(data), *_tiny_args(), launcher=torchrun,
-                  threads="1")
-    return {"data": Path(data), "root": root, "run": root / "models", "train": proc}
+                  "--bundle_root", "bundle_root", "--dataset_dir", "bottle", *_tiny_args(), launcher=torchrun,
+                  threads="1", cwd=tmp)
+    return {"data": Path(data), "root": root, "run": root / "models", "train": proc, "cwd": tmp}
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +106,9 @@ def brain(tmp_path_factory):
     write_nifti(data / "lesion" / "mask.nii.gz", label)
     (data / "splits.json").write_text(json.dumps({"train": names, "test": ["lesion"]}))
     root = tmp / "bundle_root"
-    bundle("multiad_brain_mri", "run", "--config_file", "configs/train.json", "--bundle_root", str(root),
-           "--dataset_dir", str(data), *_tiny_args(max_steps=2, batch_size=4))
-    return {"data": data, "root": root, "run": root / "models", "lesion_shape": label.shape}
+    bundle("multiad_brain_mri", "run", "--config_file", "configs/train.json", "--bundle_root", "bundle_root",
+           "--dataset_dir", "volumes", *_tiny_args(max_steps=2, batch_size=4), cwd=tmp)
+    return {"data": data, "root": root, "run": root / "models", "lesion_shape": label.shape, "cwd": tmp}
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -140,14 +145,16 @@ def test_industrial_train_evaluate_inference(industrial):
         assert (run / f).is_file(), f
     assert list((run / "checkpoints").glob("last_checkpoint_epoch=1.pt"))
     # the same options, from the same defaults, as the CLI: only the bundle's fixed ones and the overrides differ
-    expected = RunConfig(dataset_dir=str(industrial["data"]), layout="mvtec", in_channels=3, device="cpu", **TINY)
+    # (foreground "auto" is settled to "off" for 2D images, as `multiad train` records it)
+    expected = RunConfig(dataset_dir=str(industrial["data"]), layout="mvtec", in_channels=3, device="cpu",
+                         foreground="off", **TINY)
     assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(expected.to_dict()))
     # batch_size 8 is the global batch: 11 training images, 6 per rank, 4 per step -> 2 steps on each rank
     assert json.loads((run / "metrics.json").read_text())["training"]["iterations"] == 2
     assert "val_loss" in industrial["train"].stdout + industrial["train"].stderr
 
     proc = bundle("multiad_industrial", "run", "--config_file", "configs/evaluate.json",
-                  "--bundle_root", str(industrial["root"]), "--device", "cpu")
+                  "--bundle_root", "bundle_root", "--device", "cpu", cwd=industrial["cwd"])
     metrics = json.loads((industrial["root"] / "eval" / "metrics.json").read_text())["evaluation"]
     assert metrics["num_images"] == 8 and metrics["num_anomalous"] == 4
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max"))
@@ -155,7 +162,7 @@ def test_industrial_train_evaluate_inference(industrial):
 
     out = industrial["root"] / "eval" / "predictions"
     bundle("multiad_industrial", "run", "--config_file", "configs/inference.json", "--bundle_root",
-           str(industrial["root"]), "--dataset_dir", str(industrial["data"]), "--device", "cpu")
+           "bundle_root", "--dataset_dir", "bottle", "--device", "cpu", cwd=industrial["cwd"])
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 8 and all("score" in p and Path(p["overlay"]).is_file() for p in predictions)
 
@@ -200,13 +207,13 @@ def test_brain_train_evaluate_screen(brain):
     assert (cfg["layout"], cfg["in_channels"], cfg["modality"]) == ("volumes", 1, "mri")
     assert cfg["slice_axis"] == RunConfig().slice_axis and cfg["sigma"] == RunConfig().sigma  # defaults untouched
 
-    bundle("multiad_brain_mri", "run", "--config_file", "configs/evaluate.json", "--bundle_root", str(brain["root"]),
-           "--device", "cpu")
+    bundle("multiad_brain_mri", "run", "--config_file", "configs/evaluate.json", "--bundle_root", "bundle_root",
+           "--device", "cpu", cwd=brain["cwd"])
     metrics = json.loads((brain["root"] / "eval" / "metrics.json").read_text())["evaluation"]
     assert metrics["num_anomalous"] > 0 and 0.0 <= metrics["pixel_auroc"] <= 1.0
 
     proc = bundle("multiad_brain_mri", "run", "--config_file", "configs/inference.json", "--bundle_root",
-                  str(brain["root"]), "--dataset_dir", str(brain["data"]), "--device", "cpu")
+                  "bundle_root", "--dataset_dir", "volumes", "--device", "cpu", cwd=brain["cwd"])
     report = json.loads((brain["root"] / "eval" / "screening" / "report.json").read_text())
     assert [r["status"] for r in report] == ["ok"]  # the test case of splits.json only
     scan = nib.load(str(brain["data"] / "lesion" / "flair.nii.gz"))
