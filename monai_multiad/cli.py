@@ -146,14 +146,20 @@ def _absolute(path: str | Path | None) -> Path | None:
     return None if path is None else Path(path).absolute()
 
 
-def _train(args: argparse.Namespace) -> int:
-    base = RunConfig.load(args.config) if args.config else None
-    cfg = _config_from_args(args, base)
+def train_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path, Path | None]:
+    """``multiad train``'s arguments, checked and resolved once, before any work: (config with the
+    dataset's absolute path, usable absolute run folder, absolute checkpoint to resume or None).
+    Also used by ``python -m monai_multiad.distributed``."""
+    cfg = _config_from_args(args, RunConfig.load(args.config) if args.config else None)
     if not cfg.dataset_dir:
         raise MultiADInputError("no dataset folder given")
     run_dir = check_output_dir(args.run_dir, "run folder (--run-dir)", inputs=(cfg.dataset_dir,))
     cfg.dataset_dir = str(Path(cfg.dataset_dir).absolute())  # config.json names the data from anywhere
-    resume = _absolute(args.resume)
+    return cfg, run_dir, _absolute(args.resume)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg, run_dir, resume = train_inputs(args)
     from monai_multiad.workflow import train
 
     if args.nproc > 1:

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m monai_multiad.distributed`` takes ``multiad train``'s arguments (the CLI's own
     parser, so the two cannot drift). Under torchrun each process joins the group from the
     environment; otherwise ``--nproc N`` spawns N processes like ``multiad train --nproc N``."""
-    from monai_multiad.cli import _config_from_args, build_parser
+    from monai_multiad.cli import build_parser, train_inputs
 
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = [a for a in argv if a in ("-v", "--verbose")]  # `multiad -v train ...`'s flag, accepted anywhere
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([*verbose[:1], "train", *(a for a in argv if a not in verbose)])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        cfg = _config_from_args(args, RunConfig.load(args.config) if args.config else None)
+        cfg, run_dir, resume = train_inputs(args)  # checked and resolved once, before any process starts
         if _launched_by_torchrun():
             if args.nproc > 1:
                 raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
@@ -159,11 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 _setup_rank(args.verbose)
                 from monai_multiad.workflow import train
 
-                summary = train(cfg, args.run_dir, resume=args.resume)
+                summary = train(cfg, run_dir, resume=resume)
                 rank0, processes = idist.get_rank() == 0, idist.get_world_size()
         else:
-            summary = train_distributed(cfg, args.run_dir, max(args.nproc, 1), resume=args.resume,
-                                        verbose=args.verbose)
+            summary = train_distributed(cfg, run_dir, max(args.nproc, 1), resume=resume, verbose=args.verbose)
             rank0, processes = True, max(args.nproc, 1)
     except MultiADInputError as e:
         print(f"multiad: error: {e}", file=sys.stderr)
