@@ -483,7 +483,8 @@ def samples_for(root, split: str = "train", layout: str = "auto") -> list[dict]:
     if layout == "bmad":
         return bmad_samples(root, split)
     if split == "valid":
-        raise input_error(root, f"a {layout} dataset has no 'valid' split; hold out normal train images with split_normals")
+        raise input_error(root, f"a {layout} dataset has no 'valid' split; hold out normal train images with "
+                                "split_normals")
     return mvtec_samples(root, split) if layout == "mvtec" else folder_layout_samples(root, split)
 
 
