@@ -210,7 +210,7 @@ class _EpochLog:
 def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None, progress: bool = True) -> dict:
     """Train on the normal images of ``cfg.dataset_dir``, fit the fusion on the held-out normals,
     and write the run folder. Returns the training summary written to ``metrics.json``."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # Ignite's checkpoint paths include this folder: one absolute root
     rank0 = idist.get_rank() == 0
     set_determinism(seed=cfg.seed)
     device = resolve_device(cfg.device)
@@ -280,7 +280,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     if interrupted and best.last_checkpoint is None:
         raise KeyboardInterrupt  # nothing completed: there is no model to finish with
     if best.last_checkpoint is not None:  # the best epoch by validation loss, not the last one
-        Checkpoint.load_objects(best_objects, torch.load(ckpt_dir / best.last_checkpoint, map_location=device,
+        # Checkpoint.last_checkpoint already holds the DiskSaver folder: do not join it again
+        Checkpoint.load_objects(best_objects, torch.load(Path(best.last_checkpoint), map_location=device,
                                                          weights_only=True))
     fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile)
     summary = {
