@@ -45,11 +45,29 @@ class RunConfig:
     fusion: bool = _opt(True, "fuse all four stage maps; off = last stage only (ablation switch)")
     fusion_mode: str = _opt("sum", "how stage maps are combined", choices=("sum", "product"))
     sigma: float = _opt(4.0, "Gaussian smoothing of the anomaly map (px at image_size)")
+    stages: list = _opt((1, 2, 3, 4), "stages (1-4, strides 4-32) whose maps are fused into the anomaly map", nargs="+")
+    map_normalization: str = _opt("mean", "per-stage map unit fitted on normals: 'mean' (M / mean) or 'quantile' "
+                                  "((M - q0.9) / (q0.995 - q0.9), as EfficientAD)", choices=("mean", "quantile"))
+    score_topk: float = _opt(0.0, "image score: mean of the top fraction of map pixels (0 = the map's maximum)")
+    feature_norm: bool = _opt(False, "standardise teacher features per channel with normal-image statistics")
+    foreground: str = _opt("auto", "zero the map outside the body/head found in the scan; auto = on for volumes",
+                           choices=("auto", "on", "off"))
     # training
     epochs: int = _opt(20, "maximum number of epochs")
     max_steps: int = _opt(0, "stop after this many iterations in all (0 = no limit)")
     batch_size: int = _opt(16, "images per batch")
-    lr: float = _opt(1e-3, "student learning rate (Adam)")
+    optimizer: str = _opt("adam", "student optimiser: adam, or sgd (momentum 0.9, as STFPM)", choices=("adam", "sgd"))
+    lr: float = _opt(1e-3, "student learning rate")
+    lr_schedule: str = _opt("constant", "learning rate over the run: constant, or cosine (5%% linear warm-up, "
+                            "cosine decay to 0 at the last iteration)", choices=("constant", "cosine"))
+    student_init: str = _opt("random", "student initial weights: random, or a copy of the teacher's",
+                             choices=("random", "teacher"))
+    bn_momentum: float = _opt(0.1, "momentum of the student's BatchNorm running statistics")
+    bn_recalibrate: int = _opt(256, "normal training images on which the student's BatchNorm statistics are "
+                               "re-estimated before each validation and before fitting (0 = off)")
+    augment_flips: bool = _opt(False, "random left-right / up-down flips of the training images (textures, parts)")
+    hard_mining: float = _opt(0.0, "distil only positions whose distance is above this quantile of the batch's "
+                              "(e.g. 0.9; 0 = all positions)")
     d_lr: float = _opt(1e-4, "discriminator learning rate (Adam)")
     weight_decay: float = _opt(1e-5, "student weight decay")
     early_stop_patience: int = _opt(5, "epochs without validation-loss improvement before stopping (0 = off)")
@@ -61,6 +79,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.discriminator_channels = [int(c) for c in self.discriminator_channels]
+        self.stages = sorted({int(k) for k in self.stages})
+        if not self.stages or not set(self.stages) <= {1, 2, 3, 4}:
+            raise MultiADInputError(f"option stages must be numbers from 1 to 4, got {self.stages}")
+        if not 0.0 <= self.score_topk < 1.0:
+            raise MultiADInputError(f"option score_topk must be a fraction in [0, 1), got {self.score_topk}")
+        if not 0.0 <= self.hard_mining < 1.0:
+            raise MultiADInputError(f"option hard_mining must be a quantile in [0, 1), got {self.hard_mining}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise MultiADInputError(f"option bn_momentum must be in (0, 1], got {self.bn_momentum}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -117,6 +144,10 @@ class RunConfig:
             "fusion_mode": self.fusion_mode,
             "fuse": self.fusion,
             "sigma": self.sigma,
+            "stages": tuple(self.stages),
+            "score_topk": self.score_topk,
+            "feature_norm": self.feature_norm,
+            "foreground": self.foreground == "on",
         }
 
 

@@ -17,22 +17,38 @@ def normalized(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features, dim=1, eps=1e-6)
 
 
-def distillation_losses(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-stage ``L_k = mean over positions of (1 - cos(F_Tk, F_Sk))``: 0 when the student equals the teacher."""
+def _hard_mean(distance: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Mean of the distances at or above their ``quantile`` (EfficientAD's hard-feature loss)."""
+    flat = distance.flatten()
+    if quantile <= 0 or flat.numel() < 2:
+        return flat.mean()
+    k = max(1, int(round((1.0 - quantile) * flat.numel())))
+    return flat.topk(k).values.mean()
+
+
+def distillation_losses(
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], hard_mining: float = 0.0
+) -> list[torch.Tensor]:
+    """Per-stage ``L_k = mean over positions of (1 - cos(F_Tk, F_Sk))``: 0 when the student equals the teacher.
+
+    With ``hard_mining`` q > 0 only the positions whose distance is in the batch's top ``1 - q``
+    fraction count (per stage), so training concentrates on what the student has not learnt yet.
+    """
     if len(teacher) != len(student):
         raise ValueError(f"teacher gives {len(teacher)} stages, student {len(student)}")
-    return [(1.0 - F.cosine_similarity(t, s, dim=1, eps=1e-6)).mean() for t, s in zip(teacher, student)]
+    return [_hard_mean(1.0 - F.cosine_similarity(t, s, dim=1, eps=1e-6), hard_mining) for t, s in zip(teacher, student)]
 
 
 class DistillationLoss(nn.Module):
     """Sum over stages of :func:`distillation_losses`, each stage weighted by ``stage_weights``."""
 
-    def __init__(self, stage_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> None:
+    def __init__(self, stage_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), hard_mining: float = 0.0) -> None:
         super().__init__()
         self.stage_weights = tuple(float(w) for w in stage_weights)
+        self.hard_mining = float(hard_mining)
 
     def forward(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
-        losses = distillation_losses(teacher, student)
+        losses = distillation_losses(teacher, student, self.hard_mining)
         return sum(w * loss for w, loss in zip(self.stage_weights, losses))
 
 

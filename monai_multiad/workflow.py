@@ -12,7 +12,9 @@ validation loss), ``log.csv`` (per-epoch losses) and ``metrics.json``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
+import math
 import signal
 import sys
 import threading
@@ -28,6 +30,7 @@ from monai.utils import set_determinism
 from torch.utils.data import DataLoader, Dataset
 
 from monai_multiad.config import MODEL_KEYS, RunConfig
+from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnorm_momentum
 from monai_multiad.engines.evaluator import fit_fusion, validation_loss
 from monai_multiad.engines.trainer import MultiADTrainer
 from monai_multiad.errors import MultiADInputError, WeightsError
@@ -61,7 +64,21 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def build_network(cfg: RunConfig) -> MultiAD:
-    return MultiAD(**cfg.model_kwargs())
+    """The network of ``cfg``, with the student's BatchNorm momentum and initialisation set."""
+    network = MultiAD(**cfg.model_kwargs())
+    if cfg.student_init == "teacher":  # same layout: copy the backbone, keep the student's own SE blocks
+        network.student.net.load_state_dict(network.teacher.net.state_dict())
+    set_batchnorm_momentum(network.student, cfg.bn_momentum)
+    return network
+
+
+def resolve_options(cfg: RunConfig) -> RunConfig:
+    """Settle the options whose default depends on the data: ``foreground="auto"`` is on for
+    volume folders and off for 2D images. The run folder records the settled value."""
+    if cfg.foreground != "auto":
+        return cfg
+    layout = cfg.layout if cfg.layout != "auto" else _detect_layout(Path(cfg.dataset_dir))
+    return dataclasses.replace(cfg, foreground="on" if layout == "volumes" else "off")
 
 
 def build_datasets(cfg: RunConfig, split: str = "train") -> Dataset | tuple[Dataset, Dataset]:
@@ -110,8 +127,54 @@ def build_loader(dataset: Dataset, cfg: RunConfig, shuffle: bool) -> DataLoader:
     return DataLoader(dataset, generator=g, pin_memory=torch.cuda.is_available(), **kwargs)
 
 
+def build_optimizer(cfg: RunConfig, network: MultiAD) -> torch.optim.Optimizer:
+    params = network.student.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-iteration schedule: ``None`` (constant) or 5 % linear warm-up then cosine decay to 0
+    over the run's iterations (``max_steps`` when set, else ``epochs`` x batches per epoch)."""
+    if cfg.lr_schedule == "constant":
+        return None
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * max(steps_per_epoch, 1)
+    warmup = max(1, int(0.05 * total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fixed_normals_loader(train_ds: Dataset, cfg: RunConfig) -> DataLoader:
+    """The normal training images in a fixed order (the first ones first): what the teacher's
+    feature statistics and the student's BatchNorm re-estimation are computed on, so a resumed
+    run computes the same."""
+    return DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+
+
+def fit_feature_statistics(network: MultiAD, loader, max_images: int = 512) -> None:
+    """Teacher channel statistics of the first ``max_images`` normal images (``feature_norm``)."""
+    device = next(network.parameters()).device
+
+    def batches():
+        seen = 0
+        for batch in loader:
+            if seen >= max_images:
+                return
+            images = batch["image"][: max_images - seen]
+            seen += images.shape[0]
+            yield images.to(device)
+
+    network.set_feature_statistics(batches())
+
+
 def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device) -> MultiADTrainer:
-    optimizer = torch.optim.Adam(network.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg, network)
     d_optimizer = None
     if network.discriminator is not None:
         d_optimizer = torch.optim.Adam(network.discriminator.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
@@ -124,6 +187,9 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         d_optimizer=d_optimizer,
         adversarial_weight=cfg.adversarial_weight,
         amp=cfg.amp,
+        hard_mining=cfg.hard_mining,
+        augment_flips=cfg.augment_flips,
+        lr_scheduler=build_scheduler(cfg, optimizer, len(loader)),
     )
 
 
@@ -213,12 +279,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     run_dir = Path(run_dir).absolute()  # Ignite's checkpoint paths include this folder: one absolute root
     rank0 = idist.get_rank() == 0
     set_determinism(seed=cfg.seed)
+    cfg = resolve_options(cfg)
     device = resolve_device(cfg.device)
     train_ds, val_ds = build_datasets(cfg, "train")
     if len(train_ds) == 0:
         raise MultiADInputError(f"{cfg.dataset_dir}: no normal training images")
     network = build_network(cfg).to(device)
     loader = build_loader(train_ds, cfg, shuffle=True)
+    normals = fixed_normals_loader(train_ds, cfg)
+    if cfg.feature_norm:
+        fit_feature_statistics(network, normals)
+    recalibrate = BatchNormRecalibration(network, normals, cfg.bn_recalibrate, device)
+
     # every rank validates and fits the fusion on all held-out normals (not a DistributedSampler shard)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     trainer = build_trainer(cfg, network, loader, device)
@@ -227,6 +299,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         write_json(run_dir / "config.json", cfg.to_dict())
 
     to_save = {"trainer": trainer, "student": network.student, "optimizer": trainer.optimizer}
+    if trainer.lr_scheduler is not None:
+        to_save["lr_scheduler"] = trainer.lr_scheduler
     if network.discriminator is not None:
         to_save.update(discriminator=network.discriminator, d_optimizer=trainer.d_optimizer)
     ckpt_dir = run_dir / "checkpoints"
@@ -257,6 +331,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         if rank0:
             log.epoch(engine, val_engine.state.metrics["val_loss"], time.perf_counter() - epoch_start[0])
 
+    recalibrate.attach(val_engine)  # eval mode must see the student that was trained (BatchNorm statistics)
     if rank0:
         val_engine.add_event_handler(Events.COMPLETED, best)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
@@ -283,7 +358,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         # Checkpoint.last_checkpoint already holds the DiskSaver folder: do not join it again
         Checkpoint.load_objects(best_objects, torch.load(Path(best.last_checkpoint), map_location=device,
                                                          weights_only=True))
-    fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile)
+    else:
+        recalibrate()
+    fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
     summary = {
         "epochs": trainer.state.epoch,
         "iterations": trainer.state.iteration,

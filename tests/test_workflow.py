@@ -66,7 +66,7 @@ def test_run_folder_contents(trained_run):
     assert summary["epochs"] == 2 and summary["fusion"]["threshold"] > 0
     model, cfg, fusion = load_model(trained_run)
     assert cfg.image_size == 64 and model.fusion.fitted
-    assert torch.allclose(model.fusion.scale, torch.tensor(fusion["stage_means"]))
+    assert torch.allclose(model.fusion.scale, torch.tensor(fusion["stage_scale"]))
 
 
 def test_evaluate_metrics_match_sklearn(trained_run, tmp_path):

@@ -82,33 +82,52 @@ def fit_fusion(
     device: torch.device | str = "cpu",
     threshold_quantile: float = 0.99,
     prepare_batch: Callable = _prepare,
+    normalization: str = "mean",
+    quantiles: tuple[float, float] = (0.9, 0.995),
+    max_pixels: int = 4_000_000,
 ) -> dict[str, Any]:
     """Fit the fusion statistics on normal images (no anomaly labels needed).
 
-    Per stage, the mean of ``1 - cos`` over all normal pixels becomes the stage's scale; then
-    the image scores of the same normals give the threshold (their ``threshold_quantile``),
-    above which :func:`predict` calls an image anomalous. Returns the statistics as a dict.
+    ``normalization="mean"``: per stage, the mean of ``1 - cos`` over all normal pixels becomes
+    the stage's scale. ``"quantile"``: the stage's ``quantiles[0]`` over normal pixels becomes its
+    offset and the distance to ``quantiles[1]`` its scale (EfficientAD), from a regular subsample
+    of at most ``max_pixels`` pixels per stage. Then the image scores of the same normals give the
+    threshold (their ``threshold_quantile``), above which :func:`predict` calls an image anomalous.
+    Returns the statistics as a dict.
     """
+    if normalization not in ("mean", "quantile"):
+        raise ValueError(f"normalization must be 'mean' or 'quantile', got {normalization!r}")
     device = torch.device(device)
     network = network.to(device).eval()
     sums, count = None, 0
-    batches = []
+    batches, samples = [], []
     for batchdata in normal_loader:
         images = prepare_batch(batchdata, device)["image"]
         maps = network.stage_maps(images).double()
         s = maps.sum(dim=(0, 2, 3))
         sums = s if sums is None else sums + s
         count += maps.shape[0] * maps.shape[2] * maps.shape[3]
+        samples.append(maps[:, :, ::4, ::4].float().permute(1, 0, 2, 3).reshape(maps.shape[1], -1).cpu())
         batches.append(images.cpu())
     if count == 0:
         raise MultiADInputError("no normal images to fit the fusion statistics on: the validation set is empty")
-    means = (sums / count).float()
-    network.fusion.set_statistics(means, threshold=0.0)
+    offset = None
+    if normalization == "quantile":
+        pixels = torch.cat(samples, dim=1)
+        if pixels.shape[1] > max_pixels:
+            pixels = pixels[:, :: -(-pixels.shape[1] // max_pixels)]
+        lo, hi = np.quantile(pixels.numpy(), quantiles, axis=1)
+        offset, scale = torch.from_numpy(lo).float(), torch.from_numpy(hi - lo).float()
+    else:
+        scale = (sums / count).float()
+    network.fusion.set_statistics(scale, threshold=0.0, stage_offset=offset)
     scores = torch.cat([network(images.to(device))[1].cpu() for images in batches])
     threshold = float(np.quantile(scores.numpy(), threshold_quantile))
-    network.fusion.set_statistics(means, threshold=threshold)
+    network.fusion.set_statistics(scale, threshold=threshold, stage_offset=offset)
     return {
-        "stage_means": [float(m) for m in means],
+        "normalization": normalization,
+        "stage_scale": [float(m) for m in scale],
+        "stage_offset": [float(m) for m in offset] if offset is not None else [0.0] * len(scale),
         "threshold": threshold,
         "threshold_quantile": threshold_quantile,
         "normal_score_mean": float(scores.mean()),

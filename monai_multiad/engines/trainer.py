@@ -23,6 +23,15 @@ def prepare_image_batch(batchdata: Any, device: torch.device, non_blocking: bool
     return torch.as_tensor(images).to(device, non_blocking=non_blocking, **kwargs), None
 
 
+def random_flips(images: torch.Tensor) -> torch.Tensor:
+    """Each image of a (B, C, H, W) batch flipped left-right and, independently, up-down with p = 0.5."""
+    b = images.shape[0]
+    lr = torch.rand(b, device=images.device) < 0.5
+    ud = torch.rand(b, device=images.device) < 0.5
+    images = torch.where(lr.view(b, 1, 1, 1), images.flip(-1), images)
+    return torch.where(ud.view(b, 1, 1, 1), images.flip(-2), images)
+
+
 class MultiADTrainer(Trainer):
     """Knowledge distillation with an adversarial discriminator on normal images.
 
@@ -45,6 +54,10 @@ class MultiADTrainer(Trainer):
         adversarial_weight: weight of the student's adversarial term.
         stage_weights: weights of the per-stage distillation losses.
         amp: mixed precision (used on CUDA only).
+        hard_mining: distil only the hardest positions (see :func:`monai_multiad.losses.distillation_losses`).
+        lr_scheduler: stepped after every student update (per iteration), when given.
+        augment_flips: flip each training image left-right and up-down at random (teacher and
+            student see the same flipped image); for textures and parts with no preferred orientation.
         other arguments: as ``monai.engines.Trainer``.
 
     The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
@@ -68,6 +81,9 @@ class MultiADTrainer(Trainer):
         additional_metrics: dict | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        hard_mining: float = 0.0,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        augment_flips: bool = False,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -88,7 +104,9 @@ class MultiADTrainer(Trainer):
         self.d_optimizer = d_optimizer
         self.adversarial_weight = float(adversarial_weight)
         self.use_discriminator = network.discriminator is not None and d_optimizer is not None and adversarial_weight > 0
-        self.distillation_loss = DistillationLoss(stage_weights)
+        self.lr_scheduler = lr_scheduler
+        self.augment_flips = bool(augment_flips)
+        self.distillation_loss = DistillationLoss(stage_weights, hard_mining=hard_mining)
         self.adversarial_loss = AdversarialLoss()
         self.discriminator_loss = DiscriminatorLoss()
         distributed = idist.get_world_size() > 1
@@ -102,6 +120,8 @@ class MultiADTrainer(Trainer):
 
     def _iteration(self, engine: MultiADTrainer, batchdata: Any) -> dict[str, float]:
         images, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        if engine.augment_flips:
+            images = random_flips(images)
         net = engine.network
         net.train()
         d_net = engine.discriminator
@@ -118,6 +138,8 @@ class MultiADTrainer(Trainer):
             loss = distill + engine.adversarial_weight * adversarial
         engine.optimizer.zero_grad(set_to_none=True)
         engine._backward_step(loss, engine.optimizer)
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()
 
         d_loss = torch.zeros(())
         if engine.use_discriminator:

@@ -62,27 +62,46 @@ def stage_anomaly_maps(
 class AnomalyMapFusion(nn.Module):
     """Fuse per-stage maps (B, K, H, W) into an anomaly map (B, 1, H, W) and a score (B,).
 
+    Each stage map is put in one unit before the stages are combined: ``z_k = (M_k - offset_k) /
+    scale_k``, both fitted on normal images (:meth:`set_statistics`). With ``normalization="mean"``
+    the offset is 0 and the scale the stage's mean over normal pixels (1 is a typical normal
+    pixel); with ``"quantile"`` (EfficientAD's map normalisation) the offset is the 0.9 quantile
+    of normal pixels and the scale the distance from it to the 0.995 quantile.
+
     Args:
         num_stages: K.
         mode: ``"sum"`` (mean of the scaled stage maps) or ``"product"`` (their geometric mean).
         sigma: Gaussian smoothing in pixels of the map (4 at 256 px in the paper's setting);
             0 turns smoothing off.
         fuse: ``False`` uses only the last stage map (the fusion-off ablation).
+        stages: which of the K stage maps (1-based) enter the fused map; default all.
+        score_topk: image score = mean of the top ``score_topk`` fraction of map pixels
+            (e.g. 0.01); 0 = the map's maximum.
 
     Buffers (saved with the model):
-        scale: (K,) per-stage normal level, 1 until :meth:`set_statistics` is called.
+        offset, scale: (K,) per-stage normal statistics (0 and 1 until :meth:`set_statistics`).
         threshold: image-score threshold fitted on normal images (NaN until set).
     """
 
-    def __init__(self, num_stages: int = 4, mode: str = "sum", sigma: float = 4.0, fuse: bool = True) -> None:
+    def __init__(self, num_stages: int = 4, mode: str = "sum", sigma: float = 4.0, fuse: bool = True,
+                 stages: Sequence[int] | None = None, score_topk: float = 0.0) -> None:
         super().__init__()
         if mode not in ("sum", "product"):
             raise ValueError(f"fusion mode must be 'sum' or 'product', got {mode!r}")
+        stages = tuple(range(1, num_stages + 1)) if not stages else tuple(int(k) for k in stages)
+        if not stages or any(k < 1 or k > num_stages for k in stages) or len(set(stages)) != len(stages):
+            raise ValueError(f"stages must be distinct numbers from 1 to {num_stages}, got {list(stages)}")
+        if not 0.0 <= float(score_topk) < 1.0:
+            raise ValueError(f"score_topk must be a fraction in [0, 1), got {score_topk}")
         self.mode = mode
         self.fuse = fuse
         self.num_stages = num_stages
+        self.stages = stages
+        self.score_topk = float(score_topk)
         self.sigma = float(sigma)
         self.smooth = GaussianSmoothing(sigma) if sigma > 0 else nn.Identity()
+        self.register_buffer("index", torch.tensor([k - 1 for k in stages]), persistent=False)
+        self.register_buffer("offset", torch.zeros(num_stages))
         self.register_buffer("scale", torch.ones(num_stages))
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
@@ -91,18 +110,33 @@ class AnomalyMapFusion(nn.Module):
         return not bool(torch.isnan(self.threshold))
 
     @torch.no_grad()
-    def set_statistics(self, stage_means: torch.Tensor, threshold: float) -> None:
-        """Store per-stage normal means (K,) and the image-score threshold fitted on normal images."""
-        self.scale.copy_(stage_means.clamp_min(1e-8).to(self.scale))
+    def set_statistics(self, stage_scale: torch.Tensor, threshold: float,
+                       stage_offset: torch.Tensor | None = None) -> None:
+        """Store per-stage normal statistics (K,) and the image-score threshold fitted on normal images."""
+        self.scale.copy_(stage_scale.clamp_min(1e-8).to(self.scale))
+        self.offset.copy_(torch.zeros_like(self.offset) if stage_offset is None else stage_offset.to(self.offset))
         self.threshold.fill_(float(threshold))
 
-    def forward(self, stage_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = stage_maps / self.scale.view(1, -1, 1, 1)
+    def fuse_maps(self, stage_maps: torch.Tensor) -> torch.Tensor:
+        """Scaled, combined and smoothed map (B, 1, H, W), before any mask."""
+        z = (stage_maps - self.offset.view(1, -1, 1, 1)) / self.scale.view(1, -1, 1, 1)
         if not self.fuse:
-            fused = z[:, -1:]
-        elif self.mode == "sum":
+            return self.smooth(z[:, -1:])
+        z = z.index_select(1, self.index)
+        if self.mode == "sum":
             fused = z.mean(dim=1, keepdim=True)
         else:
             fused = torch.exp(torch.log(z.clamp_min(1e-12)).mean(dim=1, keepdim=True))
-        fused = self.smooth(fused)
-        return fused, fused.flatten(1).amax(dim=1)
+        return self.smooth(fused)
+
+    def score(self, fused: torch.Tensor) -> torch.Tensor:
+        """Image score of maps (B, 1, H, W): maximum, or mean of the top ``score_topk`` pixels."""
+        flat = fused.flatten(1)
+        if self.score_topk <= 0:
+            return flat.amax(dim=1)
+        k = max(1, int(round(self.score_topk * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    def forward(self, stage_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self.fuse_maps(stage_maps)
+        return fused, self.score(fused)

@@ -13,6 +13,7 @@ from torch import nn
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.networks.backbones import build_feature_extractor
 from monai_multiad.networks.discriminator import FeatureDiscriminator
+from monai_multiad.networks.foreground import ForegroundMask
 from monai_multiad.networks.fusion import AnomalyMapFusion, stage_anomaly_maps
 
 __all__ = ["MultiAD"]
@@ -43,6 +44,13 @@ class MultiAD(nn.Module):
         discriminator_channels: conv widths of the discriminator.
         fusion_mode: ``"sum"`` or ``"product"``; ``fuse=False`` uses the last stage only.
         sigma: Gaussian smoothing of the fused map, in pixels.
+        stages: the stages (1-4) whose maps are fused (all by default); the student still
+            learns every stage.
+        score_topk: image score = mean of the top fraction of map pixels (0 = maximum).
+        feature_norm: standardise the teacher's features channel by channel with statistics of
+            normal images (:meth:`set_feature_statistics`) before the student imitates them.
+        foreground: zero the map outside the body/head found in the image itself
+            (:class:`~monai_multiad.networks.foreground.ForegroundMask`); for scans, not for parts.
         check_inputs: validate inputs (shape, channels, size, NaN); exporters turn it off.
 
     Raises:
@@ -64,6 +72,10 @@ class MultiAD(nn.Module):
         fuse: bool = True,
         sigma: float = 4.0,
         check_inputs: bool = True,
+        stages: Sequence[int] | None = None,
+        score_topk: float = 0.0,
+        feature_norm: bool = False,
+        foreground: bool = False,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -78,7 +90,13 @@ class MultiAD(nn.Module):
         self.discriminator = (
             FeatureDiscriminator(self.teacher.out_channels[-1], discriminator_channels) if discriminator else None
         )
-        self.fusion = AnomalyMapFusion(len(self.teacher.out_channels), mode=fusion_mode, sigma=sigma, fuse=fuse)
+        self.fusion = AnomalyMapFusion(len(self.teacher.out_channels), mode=fusion_mode, sigma=sigma, fuse=fuse,
+                                       stages=stages, score_topk=score_topk)
+        self.feature_norm = bool(feature_norm)
+        for k, c in enumerate(self.teacher.out_channels):  # identity until fitted; saved with the model
+            self.register_buffer(f"feature_mean{k}", torch.zeros(1, c, 1, 1))
+            self.register_buffer(f"feature_std{k}", torch.ones(1, c, 1, 1))
+        self.foreground = ForegroundMask() if foreground else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -127,7 +145,33 @@ class MultiAD(nn.Module):
         x = self.normalize(x)
         with torch.no_grad():
             t = self.teacher(x)
+            if self.feature_norm:
+                t = [(f - getattr(self, f"feature_mean{k}")) / getattr(self, f"feature_std{k}") for k, f in enumerate(t)]
         return t, (self.student if student is None else student)(x)
+
+    @torch.no_grad()
+    def set_feature_statistics(self, batches) -> None:
+        """Per-channel mean and std of the teacher's stage features over normal image batches
+        (an iterable of ``(B, C, H, W)`` tensors in [0, 1] on the model's device)."""
+        sums = sq = counts = None
+        for x in batches:
+            t = self.teacher(self.normalize(x))
+            s1 = [f.double().sum(dim=(0, 2, 3)) for f in t]
+            s2 = [f.double().pow(2).sum(dim=(0, 2, 3)) for f in t]
+            n = [f.shape[0] * f.shape[2] * f.shape[3] for f in t]
+            if sums is None:
+                sums, sq, counts = s1, s2, n
+            else:
+                sums = [u + v for u, v in zip(sums, s1)]
+                sq = [u + v for u, v in zip(sq, s2)]
+                counts = [u + v for u, v in zip(counts, n)]
+        if sums is None:
+            raise MultiADInputError("no normal images to compute the teacher's feature statistics on")
+        for k, (s1, s2, n) in enumerate(zip(sums, sq, counts)):
+            mean = s1 / n
+            std = (s2 / n - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-4)
+            getattr(self, f"feature_mean{k}").copy_(mean.view(1, -1, 1, 1))
+            getattr(self, f"feature_std{k}").copy_(std.view(1, -1, 1, 1))
 
     def stage_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Per-stage maps ``1 - cos(F_Tk, F_Sk)`` upsampled to the input size: (B, 4, H, W)."""
@@ -141,5 +185,8 @@ class MultiAD(nn.Module):
         # the maps are small next to the networks: fuse them in float32 even under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
             maps = stage_anomaly_maps([f.float() for f in t], [f.float() for f in s], x.shape[-2:])
-            return self.fusion(maps)
+            fused = self.fusion.fuse_maps(maps)
+            if self.foreground is not None:
+                fused = fused * self.foreground(x)
+            return fused, self.fusion.score(fused)
 
