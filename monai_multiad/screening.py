@@ -50,6 +50,10 @@ from monai_multiad.visualize import contact_sheet, overlay
 
 __all__ = ["ScreeningResult", "screen_volume", "screen_path", "screen_paths", "demo_screen"]
 
+#: the demo's phantoms: volume shape (X, Y, Z), normal scans to train on, training iterations
+DEMO_SHAPE, DEMO_NORMAL_SCANS, DEMO_STEPS = (64, 64, 32), 5, 40
+DEMO_OPTIONS: dict = {}
+
 REPORT_FIELDS = ("scan", "name", "status", "scan_score", "anomalous", "threshold", "num_slices", "screened_slices",
                  "top_slices", "map", "seconds", "error")
 
@@ -307,7 +311,7 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
     screened gets ``status "failed"`` and its ``error``; the others go on. Returns the rows."""
     from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # the report names files that are found from anywhere
     loaded = _load_run(run, device)
     rows: list[dict] = []
     scans = list(scans)
@@ -330,40 +334,50 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
     return rows
 
 
-def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = 40) -> dict:
+def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STEPS, top_k: int = 3) -> dict:
     """The volume part of ``multiad demo``: phantom brain volumes (normal ones to train on, one with
     a lesion to screen, flat ``<case>.nii.gz`` layout), a tiny run on their normal slices (64 px,
     Lite0 with its packaged ImageNet weights, ``steps`` iterations), then screening of the lesion
-    volume. Writes under ``out_dir/volumes``; returns a summary."""
+    volume with the threshold that run calibrated on its normal slices. Writes under
+    ``out_dir/volumes``; returns a summary (scan score, threshold, top slices, lesion slices, files)."""
     from monai_multiad.config import RunConfig
     from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
     from monai_multiad.workflow import train
 
-    base = Path(out_dir) / "volumes"
+    def shown(p: Path) -> str:
+        try:
+            return str(p.relative_to(Path.cwd()))
+        except ValueError:
+            return str(p)
+
+    base = Path(out_dir).absolute() / "volumes"
     data = base / "data"
-    shape, names = (64, 64, 32), [f"normal_{i}" for i in range(5)]
+    names = [f"normal_{i}" for i in range(DEMO_NORMAL_SCANS)]
     for i, case in enumerate(names):
-        image, _ = make_phantom_volume(shape, lesion=False, seed=10 + i)
+        image, _ = make_phantom_volume(DEMO_SHAPE, lesion=False, seed=10 + i)
         write_nifti(data / f"{case}.nii.gz", np.round(image).astype(np.int16))
-    image, label = make_phantom_volume(shape, lesion=True, seed=99)
+    image, label = make_phantom_volume(DEMO_SHAPE, lesion=True, seed=99)
     scan = write_nifti(data / "phantom_lesion.nii.gz", np.round(image).astype(np.int16))
     write_nifti(data / "phantom_lesion_mask.nii.gz", label)
     write_json(data / "splits.json", {"train": names, "test": ["phantom_lesion"]})
-    print(f"[screen 1/3] generated {len(names)} normal phantom volumes and one with a lesion in {data}")
+    print(f"[screen 1/3] generated {len(names)} normal phantom volumes and one with a lesion in {shown(data)}")
     cfg = RunConfig(dataset_dir=str(data), layout="volumes", image_size=64, in_channels=1, discriminator=False,
                     batch_size=16, epochs=max(1, steps // 4), max_steps=steps, early_stop_patience=0,
-                    val_fraction=0.2, device=device, seed=0)
+                    val_fraction=0.2, device=device, seed=0, **DEMO_OPTIONS)
     summary = train(cfg, base / "run", progress=False)
     print(f"[screen 2/3] trained a tiny slice model ({summary['iterations']} iterations on "
           f"{summary['train_images']} normal slices) in {summary['train_seconds']} s")
-    row = screen_paths(base / "run", [scan], base / "screening", device=device, progress=False)[0]
+    row = screen_paths(base / "run", [scan], base / "screening", device=device, top_k=top_k, progress=False)[0]
     if row["status"] != "ok":
         raise MultiADInputError(f"screening the demo phantom failed: {row['error']}")
     lesion = sorted(int(k) for k in np.flatnonzero(label.any(axis=(0, 1))))  # identity affine: array = canonical
+    folder = Path(row["map"]).parent
     print(f"[screen 3/3] scan score {row['scan_score']:.3f} (normal threshold {row['threshold']:.3f}); most "
           f"anomalous slices {row['top_slices']} (the lesion spans slices {lesion[0]}-{lesion[-1]}); "
-          f"anomaly_map.nii.gz, montage.png, slice_scores.csv and report.csv in {base / 'screening'}")
+          f"anomaly_map.nii.gz, montage.png, slice_scores.csv in {shown(folder)}")
     return {"scan": str(scan), "scan_score": row["scan_score"], "threshold": row["threshold"],
             "anomalous": row["anomalous"], "top_slices": row["top_slices"], "lesion_slices": lesion,
             "top_slices_in_lesion": sum(k in lesion for k in row["top_slices"]),
-            "train_seconds": summary["train_seconds"], "outputs": str(base / "screening")}
+            "train_seconds": summary["train_seconds"], "outputs": str(base / "screening"),
+            "map": row["map"], "montage": str(folder / "montage.png"),
+            "slice_scores": str(folder / "slice_scores.csv"), "report": str(base / "screening" / "report.csv")}
