@@ -155,6 +155,8 @@ def train_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path, Path | None
         raise MultiADInputError("no dataset folder given")
     run_dir = check_output_dir(args.run_dir, "run folder (--run-dir)", inputs=(cfg.dataset_dir,))
     cfg.dataset_dir = str(Path(cfg.dataset_dir).absolute())  # config.json names the data from anywhere
+    if args.resume is not None and not Path(args.resume).exists():
+        raise MultiADInputError(f"{args.resume}: run folder or checkpoint to resume from not found")
     return cfg, run_dir, _absolute(args.resume)
 
 

@@ -205,6 +205,8 @@ BAD_OUTPUTS = {
                                     "is an input folder"),
     "screen --out an input folder": (["screen", "data/tex", "--run", "runs/tex", "--out", "data/tex"], "data/tex",
                                      "is an input folder"),
+    "train --resume nothing": (["train", "data/tex", "--run-dir", "runs/new", "--resume", "runs/nothing", *TINY],
+                               "runs/nothing", "not found"),
 }
 
 
