@@ -27,7 +27,7 @@ import torch
 from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver, EarlyStopping, TerminateOnNan
 from monai.utils import set_determinism
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from monai_multiad.config import MODEL_KEYS, RunConfig
 from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnorm_momentum
@@ -151,10 +151,12 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_
 
 
 def fixed_normals_loader(train_ds: Dataset, cfg: RunConfig) -> DataLoader:
-    """The normal training images in a fixed order (the first ones first): what the teacher's
-    feature statistics and the student's BatchNorm re-estimation are computed on, so a resumed
-    run computes the same."""
-    return DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    """The normal training images in one fixed random order (by ``cfg.seed``): what the teacher's
+    feature statistics and the student's BatchNorm re-estimation are computed on. Random, so the
+    first few hundred images span the data set (a volume folder lists its slices case by case);
+    fixed, so a resumed run computes the same."""
+    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return DataLoader(Subset(train_ds, order), batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
 
 
 def fit_feature_statistics(network: MultiAD, loader, max_images: int = 512) -> None:

@@ -74,7 +74,7 @@ def test_fusion_stages_topk_and_quantile_offsets_by_value():
     fusion = AnomalyMapFusion(4, sigma=0, stages=(2, 4), score_topk=0.1)
     fusion.set_statistics(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0.5, stage_offset=torch.tensor([0.0, 0.1, 0.0, 0.2]))
     fused, score = fusion(maps)
-    expected = ((maps[:, 1] - 0.1) / 2.0 + (maps[:, 3] - 0.2) / 4.0) / 2
+    expected = (((maps[:, 1] - 0.1) / 2.0).clamp_min(0) + ((maps[:, 3] - 0.2) / 4.0).clamp_min(0)) / 2
     assert torch.allclose(fused[:, 0], expected, atol=1e-6)
     k = round(0.1 * 256)
     assert torch.allclose(score, expected.flatten(1).topk(k, dim=1).values.mean(1), atol=1e-6)

@@ -66,7 +66,8 @@ class AnomalyMapFusion(nn.Module):
     scale_k``, both fitted on normal images (:meth:`set_statistics`). With ``normalization="mean"``
     the offset is 0 and the scale the stage's mean over normal pixels (1 is a typical normal
     pixel); with ``"quantile"`` (EfficientAD's map normalisation) the offset is the 0.9 quantile
-    of normal pixels and the scale the distance from it to the 0.995 quantile.
+    of normal pixels and the scale the distance from it to the 0.995 quantile. Negative values
+    are clipped to 0 (the paper's ReLU), so a masked-out background (0) never outranks tissue.
 
     Args:
         num_stages: K.
@@ -120,6 +121,7 @@ class AnomalyMapFusion(nn.Module):
     def fuse_maps(self, stage_maps: torch.Tensor) -> torch.Tensor:
         """Scaled, combined and smoothed map (B, 1, H, W), before any mask."""
         z = (stage_maps - self.offset.view(1, -1, 1, 1)) / self.scale.view(1, -1, 1, 1)
+        z = z.clamp_min(0.0)  # the paper's ReLU: below the normal offset is normal, whatever how far
         if not self.fuse:
             return self.smooth(z[:, -1:])
         z = z.index_select(1, self.index)
