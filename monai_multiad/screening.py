@@ -50,9 +50,12 @@ from monai_multiad.visualize import contact_sheet, overlay
 
 __all__ = ["ScreeningResult", "screen_volume", "screen_path", "screen_paths", "demo_screen"]
 
-#: the demo's phantoms: volume shape (X, Y, Z), normal scans to train on, training iterations
-DEMO_SHAPE, DEMO_NORMAL_SCANS, DEMO_STEPS = (64, 64, 32), 5, 40
-DEMO_OPTIONS: dict = {}
+#: the demo's phantoms: volume shape (X, Y, Z; the lesion's radius grows with the smallest extent: about
+#: 8 px across and 8 slices here), normal scans to train on, training iterations
+DEMO_SHAPE, DEMO_NORMAL_SCANS, DEMO_STEPS = (64, 64, 48), 5, 60
+#: the demo's run options beyond the tiny defaults: on 64 px slices the stride-16 and stride-32 stages see
+#: the lesion as a fraction of one cell and mostly add slice-wide offsets, so the fine stages are fused
+DEMO_OPTIONS: dict = {"stages": [1, 2]}
 
 REPORT_FIELDS = ("scan", "name", "status", "scan_score", "anomalous", "threshold", "num_slices", "screened_slices",
                  "top_slices", "map", "seconds", "error")
@@ -337,7 +340,8 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
 def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STEPS, top_k: int = 3) -> dict:
     """The volume part of ``multiad demo``: phantom brain volumes (normal ones to train on, one with
     a lesion to screen, flat ``<case>.nii.gz`` layout), a tiny run on their normal slices (64 px,
-    Lite0 with its packaged ImageNet weights, ``steps`` iterations), then screening of the lesion
+    Lite0 with its packaged ImageNet weights, ``steps`` iterations, the stride-4 and stride-8 stage maps
+    fused: :data:`DEMO_OPTIONS`), then screening of the lesion
     volume with the threshold that run calibrated on its normal slices. Writes under
     ``out_dir/volumes``; returns a summary (scan score, threshold, top slices, lesion slices, files)."""
     from monai_multiad.config import RunConfig
