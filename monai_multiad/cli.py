@@ -15,7 +15,7 @@ from pathlib import Path
 
 from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.io import check_output_dir
+from monai_multiad.io import check_output_dir, display_path as _shown
 
 __all__ = ["main", "build_parser"]
 
@@ -131,15 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="training iterations (default: 60)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
     return parser
-
-
-def _shown(path: str | Path) -> str:
-    """A path as a user reads it: relative to the working folder when inside it."""
-    path = Path(path)
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _absolute(path: str | Path | None) -> Path | None:

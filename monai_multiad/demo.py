@@ -14,7 +14,7 @@ from pathlib import Path
 
 from monai_multiad.config import RunConfig
 from monai_multiad.inference import evaluate, format_table, predict
-from monai_multiad.io import write_json
+from monai_multiad.io import display_path as _shown, write_json
 from monai_multiad.workflow import train
 
 __all__ = ["run_demo", "demo_config", "summary_lines", "MIN_IMAGE_AUROC"]
@@ -30,15 +30,6 @@ def demo_config(dataset_dir: Path, steps: int, device: str = "auto") -> RunConfi
     return RunConfig(dataset_dir=str(dataset_dir), image_size=128, in_channels=3, batch_size=8,
                      epochs=max(1, steps // 4), max_steps=steps, early_stop_patience=0, val_fraction=0.2,
                      discriminator_channels=(64, 128), device=device, seed=0)
-
-
-def _shown(path: str | Path) -> str:
-    """``path`` relative to the working folder when it is inside it (what a user typed), else absolute."""
-    path = Path(path)
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def run_demo(out: Path, steps: int = 60, device: str = "auto") -> dict:

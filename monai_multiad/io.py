@@ -16,7 +16,7 @@ import numpy as np
 
 from monai_multiad.errors import input_error
 
-__all__ = ["atomic_path", "check_output_dir", "write_json", "write_png", "write_text"]
+__all__ = ["atomic_path", "check_output_dir", "display_path", "write_json", "write_png", "write_text"]
 
 
 @contextmanager
@@ -93,3 +93,12 @@ def check_output_dir(path: str | Path, what: str = "output folder", inputs: tupl
             raise input_error(given, f"is an input folder: the {what} must be another folder, so that outputs "
                                      "do not mix with the data read")
     return absolute
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` as a user reads it: relative to the working folder when inside it, else absolute."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

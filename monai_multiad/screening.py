@@ -43,7 +43,7 @@ from torch import nn
 
 from monai_multiad.data.volumes import FG_THRESHOLD, MIN_FOREGROUND, intensity_kwargs
 from monai_multiad.errors import MultiADInputError, input_error
-from monai_multiad.io import atomic_path, write_json, write_png, write_text
+from monai_multiad.io import atomic_path, display_path, write_json, write_png, write_text
 from monai_multiad.transforms.volume import load_volume, scale_intensity, slice_foreground, slice_info, \
     slices_to_volume, volume_to_slices
 from monai_multiad.visualize import contact_sheet, overlay
@@ -348,12 +348,6 @@ def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STE
     from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
     from monai_multiad.workflow import train
 
-    def shown(p: Path) -> str:
-        try:
-            return str(p.relative_to(Path.cwd()))
-        except ValueError:
-            return str(p)
-
     base = Path(out_dir).absolute() / "volumes"
     data = base / "data"
     names = [f"normal_{i}" for i in range(DEMO_NORMAL_SCANS)]
@@ -364,7 +358,8 @@ def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STE
     scan = write_nifti(data / "phantom_lesion.nii.gz", np.round(image).astype(np.int16))
     write_nifti(data / "phantom_lesion_mask.nii.gz", label)
     write_json(data / "splits.json", {"train": names, "test": ["phantom_lesion"]})
-    print(f"[screen 1/3] generated {len(names)} normal phantom volumes and one with a lesion in {shown(data)}")
+    print(f"[screen 1/3] generated {len(names)} normal phantom volumes and one with a lesion in "
+          f"{display_path(data)}")
     cfg = RunConfig(dataset_dir=str(data), layout="volumes", image_size=64, in_channels=1, discriminator=False,
                     batch_size=16, epochs=max(1, steps // 4), max_steps=steps, early_stop_patience=0,
                     val_fraction=0.2, device=device, seed=0, **DEMO_OPTIONS)
@@ -378,7 +373,7 @@ def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STE
     folder = Path(row["map"]).parent
     print(f"[screen 3/3] scan score {row['scan_score']:.3f} (normal threshold {row['threshold']:.3f}); most "
           f"anomalous slices {row['top_slices']} (the lesion spans slices {lesion[0]}-{lesion[-1]}); "
-          f"anomaly_map.nii.gz, montage.png, slice_scores.csv in {shown(folder)}")
+          f"anomaly_map.nii.gz, montage.png, slice_scores.csv in {display_path(folder)}")
     return {"scan": str(scan), "scan_score": row["scan_score"], "threshold": row["threshold"],
             "anomalous": row["anomalous"], "top_slices": row["top_slices"], "lesion_slices": lesion,
             "top_slices_in_lesion": sum(k in lesion for k in row["top_slices"]),
