@@ -8,8 +8,11 @@ the fusion's statistics use a validation split of *normal training* images only)
 pixel AUROC, AUPRO (to FPR 0.3), F1-max, training time, device, versions and seed.
 Nothing here looks at the test split before the single evaluation of a trained run.
 
-``--ablation`` runs four configurations (full, no SE, no discriminator, no fusion) and writes
-one table. Output in ``--out``: ``results.json``, ``results.md`` and ``runs/<config>/<category>/``
+``--ablation`` runs four configurations (the defaults, no SE, with the discriminator, no fusion) and writes
+one table. ``--study`` runs the named variants of :data:`STUDY` (the accuracy study behind the
+defaults; ``--variants`` picks some): a variant either trains (its ``train`` overrides) or reuses
+the trained run of another variant (``from``) and only changes how maps are normalised, fused and
+scored (``refit`` overrides), refitting the fusion on the same normal validation images. Output in ``--out``: ``results.json``, ``results.md`` and ``runs/<config>/<category>/``
 (each a run folder as ``multiad train`` writes it, with the evaluation's ``metrics.json``).
 """
 
@@ -28,8 +31,59 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 CONFIGS = {
     "full": {},
     "no_se": {"student_se": False},
-    "no_discriminator": {"discriminator": False, "adversarial_weight": 0.0},
+    "with_discriminator": {"discriminator": True},
     "no_fusion": {"fusion": False},
+}
+
+
+#: the accuracy study: name -> {"train": RunConfig overrides} or {"from": variant, "refit": overrides}.
+#: "old" is the model as it was (BatchNorm momentum 0.01, no re-estimation); the rest change one
+#: thing at a time from the variant they name or the one before.
+STUDY: dict[str, dict] = {
+    "old": {"train": {"bn_momentum": 0.01, "bn_recalibrate": 0, "foreground": "off"}},
+    "bn_fix": {"train": {"foreground": "off"}},
+    "bn_fix_no_d": {"train": {"discriminator": False, "adversarial_weight": 0.0, "foreground": "off"}},
+    "feature_norm": {"train": {"discriminator": False, "adversarial_weight": 0.0, "feature_norm": True}},
+    "feature_norm_d": {"train": {"feature_norm": True}},
+    "fn_sgd_cosine": {"train": {"discriminator": False, "adversarial_weight": 0.0, "feature_norm": True,
+                                "optimizer": "sgd", "lr": 0.4, "weight_decay": 1e-4, "lr_schedule": "cosine"}},
+    "fn_adam_cosine": {"train": {"discriminator": False, "adversarial_weight": 0.0, "feature_norm": True,
+                                 "lr_schedule": "cosine"}},
+    "fn_hard": {"train": {"discriminator": False, "adversarial_weight": 0.0, "feature_norm": True,
+                          "hard_mining": 0.9}},
+    "fn_teacher_init": {"train": {"discriminator": False, "adversarial_weight": 0.0, "feature_norm": True,
+                                  "student_init": "teacher"}},
+    "fn_flips": {"train": {"discriminator": False, "adversarial_weight": 0.0, "feature_norm": True,
+                           "augment_flips": True}},
+    "nd_sgd_cosine": {"train": {"discriminator": False, "adversarial_weight": 0.0, "optimizer": "sgd", "lr": 0.4,
+                                "weight_decay": 1e-4, "lr_schedule": "cosine"}},
+    "nd_adam_cosine": {"train": {"discriminator": False, "adversarial_weight": 0.0, "lr_schedule": "cosine"}},
+    "nd_teacher_init": {"train": {"discriminator": False, "adversarial_weight": 0.0, "student_init": "teacher"}},
+    "nd_hard": {"train": {"discriminator": False, "adversarial_weight": 0.0, "hard_mining": 0.9}},
+    "nd_flips": {"train": {"discriminator": False, "adversarial_weight": 0.0, "augment_flips": True}},
+    # inference-side levers on one trained model (no retraining)
+    "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
+    "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
+    "nd+stages234+top1pct": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4],
+                                                              "score_topk": 0.01}},
+    "nd+stages234+quantile": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4],
+                                                               "map_normalization": "quantile"}},
+    "nd+stages34": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [3, 4]}},
+    "d+fg": {"from": "bn_fix", "refit": {"foreground": "auto"}},
+    "d+top1pct": {"from": "bn_fix", "refit": {"foreground": "auto", "score_topk": 0.01}},
+    "d+stages234": {"from": "bn_fix", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
+    "d+stages234+top1pct": {"from": "bn_fix", "refit": {"foreground": "auto", "stages": [2, 3, 4],
+                                                        "score_topk": 0.01}},
+    "old+recal": {"from": "old", "refit": {"bn_recalibrate": 256}},
+    "nd_no_se": {"train": {"discriminator": False, "adversarial_weight": 0.0, "foreground": "off",
+                           "student_se": False}},
+    "nd+no_fusion": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "fusion": False}},
+    "fn+quantile": {"from": "feature_norm", "refit": {"map_normalization": "quantile"}},
+    "fn+top1pct": {"from": "feature_norm", "refit": {"score_topk": 0.01}},
+    "fn+stages234": {"from": "feature_norm", "refit": {"stages": [2, 3, 4]}},
+    "fn+stages34": {"from": "feature_norm", "refit": {"stages": [3, 4]}},
+    "fn+stage4": {"from": "feature_norm", "refit": {"stages": [4]}},
+    "fn+fg_off": {"from": "feature_norm", "refit": {"foreground": "off"}},
 }
 
 
@@ -102,6 +156,84 @@ def run_one(args, name: str, folder: Path, config: str, overrides: dict) -> dict
     return row
 
 
+def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dict:
+    """A trained variant's model with other map/score options: refit the fusion on the same
+    normal validation images, write a new run folder, evaluate once."""
+    import dataclasses
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from monai_multiad import inference, workflow
+    from monai_multiad.engines.evaluator import fit_fusion
+    from monai_multiad.io import write_json
+
+    base = next((r for r in rows if r["config"] == spec["from"] and r["category"] == name), None)
+    if base is None:
+        raise SystemExit(f"study variant {config} needs {spec['from']} first (add it to --variants)")
+    network, cfg, _ = workflow.load_model(base["run_dir"], "cpu")
+    cfg = dataclasses.replace(cfg, **spec["refit"])
+    cfg = workflow.resolve_options(cfg)
+    device = workflow.resolve_device(args.device)
+    refit = workflow.MultiAD(**{**cfg.model_kwargs(), "pretrained": False})
+    refit.load_state_dict(network.state_dict())
+    refit.to(device)
+    train_ds, val_ds = workflow.build_datasets(cfg, "train")
+    if spec["refit"].get("bn_recalibrate", 0) > 0:  # re-estimate the student's BatchNorm statistics only
+        from monai_multiad.engines.batchnorm import BatchNormRecalibration
+
+        BatchNormRecalibration(refit, workflow.fixed_normals_loader(train_ds, cfg), cfg.bn_recalibrate, device)()
+    run_dir = Path(args.out) / "runs" / config / name
+    print(f"[accuracy] {config} / {name}: refit of {spec['from']} with {spec['refit']}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    stats = fit_fusion(refit, DataLoader(val_ds, batch_size=cfg.batch_size), device, cfg.threshold_quantile,
+                       normalization=cfg.map_normalization)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    workflow.save_model(run_dir / "model.pt", refit, cfg, stats)
+    refit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = inference.evaluate(run_dir, device=args.device)
+    row = {**base, "config": config, **{k: metrics[k] for k in METRICS},
+           "eval_seconds": round(time.perf_counter() - t0, 1), "refit_seconds": round(refit_seconds, 1),
+           "run_dir": str(run_dir), "options": cfg.to_dict(), "from": spec["from"]}
+    print("[accuracy] " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS), file=sys.stderr, flush=True)
+    return row
+
+
+def raw_intensity_row(args, name: str, folder: Path) -> dict:
+    """The bar any FLAIR map must clear: each pixel scored by its own normalised intensity,
+    Gaussian-smoothed (sigma 4 px at 256 px, scaled to the image size), image score = mean of the
+    top 1 % pixels; same test slices, masks and metrics as the models."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from monai_multiad import inference, workflow
+    from monai_multiad.networks.fusion import GaussianSmoothing
+
+    cfg = build_config(args, folder, {})
+    test = workflow.build_datasets(cfg, "test")
+    smooth = GaussianSmoothing(4.0 * args.image_size / 256)
+    key, extra = inference.anomaly_metrics(pixel=True)
+    metrics = {**key, **extra}
+    for m in metrics.values():
+        m.reset()
+    for batch in DataLoader(test, batch_size=32):
+        amap = smooth(batch["image"].float().mean(dim=1, keepdim=True))
+        flat = amap.flatten(1)
+        score = flat.topk(max(1, flat.shape[1] // 100), dim=1).values.mean(dim=1)
+        out = {**batch, "anomaly_map": amap, "score": score}
+        for m in metrics.values():
+            m.update(m._output_transform(out))
+    values = {k: m.compute() for k, m in metrics.items()}
+    row = {"config": "raw_intensity", "category": name, "image_auroc": values["image_auroc"],
+           "pixel_auroc": values["pixel_auroc"], "aupro": values["aupro"], "f1_max": values["f1"]["f1_max"],
+           "train_seconds": 0.0, "epochs": 0, "iterations": 0, "device": "cpu", "seed": cfg.seed,
+           "test_images": len(test), "run_dir": "", "options": cfg.to_dict()}
+    print("[accuracy] raw intensity: " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS), file=sys.stderr, flush=True)
+    return row
+
+
 def means(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for config in dict.fromkeys(r["config"] for r in rows):
@@ -152,9 +284,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-se", action="store_true", help="student without SE blocks")
-    p.add_argument("--no-discriminator", action="store_true", help="adversarial weight 0, no discriminator")
+    p.add_argument("--no-discriminator", action="store_true", help="no discriminator (the default since the study)")
     p.add_argument("--no-fusion", action="store_true", help="last-stage map only")
-    p.add_argument("--ablation", action="store_true", help="run full, no_se, no_discriminator and no_fusion")
+    p.add_argument("--ablation", action="store_true", help="run full (the defaults), no_se, with_discriminator and no_fusion")
+    p.add_argument("--study", action="store_true", help="run the accuracy study's variants (STUDY)")
+    p.add_argument("--variants", nargs="+", help="--study: only these variants, in this order")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the rows already in --out/results.json and run only the missing ones")
+    p.add_argument("--raw-intensity", action="store_true",
+                   help="also score the raw (normalised, smoothed) intensity as a detector: the bar for MRI maps")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                   help="extra RunConfig options for every run, e.g. early_stop_patience=0 val_fraction=0.1")
     args = p.parse_args(argv)
     if args.ablation and (args.no_se or args.no_discriminator or args.no_fusion):
         p.error("--ablation runs every switch itself: do not combine it with --no-se/--no-discriminator/--no-fusion")
@@ -165,7 +305,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     root, out = Path(args.dataset_dir), Path(args.out)
     categories = find_categories(root, args.categories)
-    if args.ablation:
+    if args.study:
+        unknown = sorted(set(args.variants or ()) - set(STUDY))
+        if unknown:
+            raise SystemExit(f"unknown study variant(s) {', '.join(unknown)}; known: {', '.join(STUDY)}")
+        configs = {k: STUDY[k] for k in (args.variants or STUDY)}
+    elif args.ablation:
         configs = CONFIGS
     else:
         name = "_".join(n for n, on in (("no_se", args.no_se), ("no_discriminator", args.no_discriminator),
@@ -179,9 +324,23 @@ def main(argv=None) -> dict:
                        "selection": "validation split of normal training images only; test split evaluated once"},
               "rows": [], "means": {}}
     out.mkdir(parents=True, exist_ok=True)
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    done: set[tuple[str, str]] = set()
+    if args.keep and (out / "results.json").is_file():  # go on from an interrupted study
+        report["rows"] = json.loads((out / "results.json").read_text())["rows"]
+        done = {(r["config"], r["category"]) for r in report["rows"]}
+    if args.raw_intensity:
+        report["rows"] += [raw_intensity_row(args, name, folder) for name, folder in categories.items()
+                           if ("raw_intensity", name) not in done]
     for config, overrides in configs.items():
         for name, folder in categories.items():
-            report["rows"].append(run_one(args, name, folder, config, overrides))
+            if (config, name) in done:
+                continue
+            if args.study and "from" in overrides:
+                report["rows"].append(refit_one(args, name, config, overrides, report["rows"]))
+            else:
+                spec = overrides.get("train", overrides) if args.study else overrides
+                report["rows"].append(run_one(args, name, folder, config, {**extra, **spec}))
             report["means"] = means(report["rows"])
             report["meta"]["device"] = report["rows"][-1]["device"]
             (out / "results.json").write_text(json.dumps(report, indent=2))  # after each run: partial results survive
