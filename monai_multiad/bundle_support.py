@@ -27,6 +27,7 @@ This module sits at the top floor, beside the CLI: it may import from anything b
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -77,7 +78,7 @@ def run_config(**options: Any) -> RunConfig:
         clean["discriminator_channels"] = list(clean["discriminator_channels"])
     if isinstance(clean.get("dataset_dir"), str) and clean["dataset_dir"].strip():
         # resolved here, at the edge: the run's config.json names the data from any working folder
-        clean["dataset_dir"] = str(Path(clean["dataset_dir"]).absolute())
+        clean["dataset_dir"] = os.path.abspath(clean["dataset_dir"])  # absolute, ".." folded
     cfg = RunConfig.from_dict(clean, "bundle option run_config")
     if cfg.layout != "auto" or (cfg.dataset_dir and Path(cfg.dataset_dir).is_dir()):
         from monai_multiad.workflow import resolve_options

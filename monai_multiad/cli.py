@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -145,7 +146,7 @@ def train_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path, Path | None
     if not cfg.dataset_dir:
         raise MultiADInputError("no dataset folder given")
     run_dir = check_output_dir(args.run_dir, "run folder (--run-dir)", inputs=(cfg.dataset_dir,))
-    cfg.dataset_dir = str(Path(cfg.dataset_dir).absolute())  # config.json names the data from anywhere
+    cfg.dataset_dir = os.path.abspath(cfg.dataset_dir)  # config.json names the data from anywhere (no "..")
     if args.resume is not None and not Path(args.resume).exists():
         raise MultiADInputError(f"{args.resume}: run folder or checkpoint to resume from not found")
     return cfg, run_dir, _absolute(args.resume)
