@@ -193,6 +193,10 @@ def network_def_config(model_or_run: MultiAD | str | Path) -> dict:
             "fusion_mode": fusion.mode,
             "fuse": fusion.fuse,
             "sigma": fusion.sigma,
+            "stages": tuple(fusion.stages),
+            "score_topk": fusion.score_topk,
+            "feature_norm": m.feature_norm,
+            "foreground": m.foreground is not None,
         }
         if m.discriminator is not None:
             kwargs["discriminator_channels"] = _discriminator_channels(m)

@@ -316,6 +316,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         best_objects,
         DiskSaver(ckpt_dir, require_empty=False, atomic=True),
         filename_prefix="best",
+        # one name whatever the objects (Ignite names a lone object's file after its key)
+        filename_pattern="{filename_prefix}_checkpoint_{global_step}_{score_name}={score}.{ext}",
         score_function=lambda e: -e.state.metrics["val_loss"],
         score_name="neg_val_loss",
         n_saved=1,

@@ -103,7 +103,8 @@ def test_ckpt_export_from_run_folder(model, tmp_path):
     and traces: the .ts gives the model's maps."""
     from monai.bundle import ckpt_export
 
-    cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator_channels=[8], image_size=SIZE)
+    cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=True, discriminator_channels=[8],
+                    image_size=SIZE)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_model(run_dir / "model.pt", model, cfg)
