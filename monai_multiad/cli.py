@@ -38,7 +38,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         if isinstance(default, bool):
             kw["type"], kw["metavar"] = _bool, "{true,false}"
         elif isinstance(default, (tuple, list)):
-            kw["type"], kw["nargs"] = int, "+"
+            kw["type"], kw["nargs"] = f.metadata.get("type", int), "+"
         else:
             kw["type"] = type(default)
         if "choices" in f.metadata:

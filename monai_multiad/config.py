@@ -66,6 +66,8 @@ class RunConfig:
     bn_momentum: float = _opt(0.1, "momentum of the student's BatchNorm running statistics")
     bn_recalibrate: int = _opt(256, "normal training images on which the student's BatchNorm statistics are "
                                "re-estimated before each validation and before fitting (0 = off)")
+    loss_stage_weights: list = _opt((1.0, 1.0, 1.0, 1.0), "weights of the four stages' distillation losses",
+                                    nargs="+", type=float)
     augment_flips: bool = _opt(False, "random left-right / up-down flips of the training images (textures, parts)")
     hard_mining: float = _opt(0.0, "distil only positions whose distance is above this quantile of the batch's "
                               "(e.g. 0.9; 0 = all positions)")
@@ -81,6 +83,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.discriminator_channels = [int(c) for c in self.discriminator_channels]
         self.stages = sorted({int(k) for k in self.stages})
+        self.loss_stage_weights = [float(w) for w in self.loss_stage_weights]
+        if len(self.loss_stage_weights) != 4 or min(self.loss_stage_weights) < 0 or sum(self.loss_stage_weights) <= 0:
+            raise MultiADInputError(f"option loss_stage_weights must be 4 non-negative numbers, not all 0, "
+                                    f"got {self.loss_stage_weights}")
         if not self.stages or not set(self.stages) <= {1, 2, 3, 4}:
             raise MultiADInputError(f"option stages must be numbers from 1 to 4, got {self.stages}")
         if not 0.0 <= self.score_topk < 1.0:

@@ -190,6 +190,7 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         adversarial_weight=cfg.adversarial_weight,
         amp=cfg.amp,
         hard_mining=cfg.hard_mining,
+        stage_weights=cfg.loss_stage_weights,
         augment_flips=cfg.augment_flips,
         lr_scheduler=build_scheduler(cfg, optimizer, len(loader)),
     )

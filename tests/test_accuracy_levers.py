@@ -171,3 +171,17 @@ def test_random_flips_flip_whole_images_only():
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) >= 3  # flips really happen, and not all alike
+
+
+def test_loss_stage_weights_reach_the_trainers_loss():
+    from monai_multiad.workflow import build_trainer
+
+    cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=False, loss_stage_weights=[0, 2, 0, 1])
+    net = build_network(cfg)
+    trainer = build_trainer(cfg, net, [{"image": torch.rand(2, 3, 64, 64)}], torch.device("cpu"))
+    t = [torch.randn(2, 4, 3, 3) for _ in range(4)]
+    s = [torch.randn(2, 4, 3, 3) for _ in range(4)]
+    per_stage = distillation_losses(t, s)
+    assert torch.allclose(trainer.distillation_loss(t, s), 2 * per_stage[1] + per_stage[3])
+    with pytest.raises(MultiADInputError, match="loss_stage_weights"):
+        RunConfig(loss_stage_weights=[1, 1])
