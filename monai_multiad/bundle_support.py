@@ -131,12 +131,9 @@ def anomaly_map_network(cfg: RunConfig, check_inputs: bool = False) -> AnomalyMa
 
 
 def training_objects(trainer) -> dict[str, Any]:
-    """What a training checkpoint holds, as :func:`monai_multiad.workflow.train` saves it:
-    trainer, student, optimizer, and discriminator + its optimizer when there is one."""
-    objects = {"trainer": trainer, "student": trainer.network.student, "optimizer": trainer.optimizer}
-    if trainer.network.discriminator is not None and trainer.d_optimizer is not None:
-        objects.update(discriminator=trainer.network.discriminator, d_optimizer=trainer.d_optimizer)
-    return objects
+    """What a training checkpoint holds, as :func:`monai_multiad.workflow.train` saves it
+    (:meth:`~monai_multiad.engines.trainer.MultiADTrainer.checkpoint_objects`)."""
+    return trainer.checkpoint_objects()
 
 
 def _find_input_error(exc: BaseException | None) -> MultiADInputError | None:

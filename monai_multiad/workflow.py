@@ -301,11 +301,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
 
-    to_save = {"trainer": trainer, "student": network.student, "optimizer": trainer.optimizer}
-    if trainer.lr_scheduler is not None:
-        to_save["lr_scheduler"] = trainer.lr_scheduler
-    if network.discriminator is not None:
-        to_save.update(discriminator=network.discriminator, d_optimizer=trainer.d_optimizer)
+    to_save = trainer.checkpoint_objects()
     ckpt_dir = run_dir / "checkpoints"
     last = Checkpoint(to_save, DiskSaver(ckpt_dir, require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
     val_engine = validation_loss(network, device)

@@ -107,7 +107,8 @@ def fit_fusion(
         s = maps.sum(dim=(0, 2, 3))
         sums = s if sums is None else sums + s
         count += maps.shape[0] * maps.shape[2] * maps.shape[3]
-        samples.append(maps[:, :, ::4, ::4].float().permute(1, 0, 2, 3).reshape(maps.shape[1], -1).cpu())
+        if normalization == "quantile":  # a regular subsample of the pixels, for the quantiles
+            samples.append(maps[:, :, ::4, ::4].float().permute(1, 0, 2, 3).reshape(maps.shape[1], -1).cpu())
         batches.append(images.cpu())
     if count == 0:
         raise MultiADInputError("no normal images to fit the fusion statistics on: the validation set is empty")

@@ -115,6 +115,17 @@ class MultiADTrainer(Trainer):
         if distributed and self.use_discriminator:
             self.discriminator = idist.auto_model(network.discriminator, sync_bn=False)
 
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """What a training checkpoint holds (for resume): this engine, the student, its optimizer,
+        the learning-rate schedule when there is one, and the discriminator + its optimizer when
+        there is one. The CLI's and the bundles' runs both save exactly this."""
+        objects: dict[str, Any] = {"trainer": self, "student": self.network.student, "optimizer": self.optimizer}
+        if self.lr_scheduler is not None:
+            objects["lr_scheduler"] = self.lr_scheduler
+        if self.network.discriminator is not None and self.d_optimizer is not None:
+            objects.update(discriminator=self.network.discriminator, d_optimizer=self.d_optimizer)
+        return objects
+
     def _autocast(self):
         return torch.autocast("cuda", enabled=self.amp) if self.state.device.type == "cuda" else nullcontext()
 
