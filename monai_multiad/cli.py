@@ -2,7 +2,11 @@
 
 Options of ``train`` are generated from :class:`~monai_multiad.config.RunConfig`, the same
 description the bundles use, so both build the same objects from the same defaults.
-Bad input ends with one line ``multiad: error: <file>: <problem>`` and exit status 2.
+Bad input ends with one line ``multiad: error: <file>: <problem>`` and exit status 2; an output
+that cannot be written (a full disk) with one such line and status 1. An output folder is held
+by one command at a time (a lock file naming the process). ``train`` stopped by Ctrl-C or SIGTERM
+after an epoch finishes the run from its best epoch and exits 0 (``"interrupted": true`` in
+``metrics.json``); stopped before any epoch completed, it exits 130.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from monai_multiad.config import RunConfig
-from monai_multiad.errors import MultiADInputError
-from monai_multiad.io import check_output_dir, display_path as _shown
+from monai_multiad.errors import MultiADInputError, OutputWriteError
+from monai_multiad.io import check_output_dir, display_path as _shown, folder_lock
 
 __all__ = ["main", "build_parser"]
 
@@ -156,14 +160,18 @@ def _train(args: argparse.Namespace) -> int:
     cfg, run_dir, resume = train_inputs(args)
     from monai_multiad.workflow import train
 
-    if args.nproc > 1:
-        from monai_multiad.distributed import train_distributed
+    with folder_lock(run_dir, "multiad train"):
+        if args.nproc > 1:
+            from monai_multiad.distributed import train_distributed
 
-        summary = train_distributed(cfg, run_dir, args.nproc, resume=resume)
-    else:
-        summary = train(cfg, run_dir, resume=resume)
+            summary = train_distributed(cfg, run_dir, args.nproc, resume=resume)
+        else:
+            summary = train(cfg, run_dir, resume=resume)
     print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
           f"{summary['train_seconds']} s on {summary['device']}; run folder: {args.run_dir}")
+    if summary.get("interrupted"):
+        print(f"multiad: training was interrupted in epoch {summary['epochs']}; the run was finished from its best "
+              f"completed epoch (model.pt is usable); '--resume {args.run_dir}' trains on", file=sys.stderr)
     return 0
 
 
@@ -171,8 +179,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "output folder (--out)", inputs=(args.dataset_dir,)) if args.out else None
     from monai_multiad.inference import evaluate, format_table
 
-    metrics = evaluate(_absolute(args.run), _absolute(args.dataset_dir), out, args.device, args.batch_size,
-                       layout=args.layout)
+    with folder_lock(out or _absolute(args.run), "multiad evaluate"):
+        metrics = evaluate(_absolute(args.run), _absolute(args.dataset_dir), out, args.device, args.batch_size,
+                           layout=args.layout)
     print(format_table(metrics))
     return 0
 
@@ -181,7 +190,8 @@ def _predict(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "output folder (--out)", inputs=tuple(args.inputs))
     from monai_multiad.inference import predict
 
-    results = predict(_absolute(args.run), [_absolute(p) for p in args.inputs], out, args.device)
+    with folder_lock(out, "multiad predict"):
+        results = predict(_absolute(args.run), [_absolute(p) for p in args.inputs], out, args.device)
     for r in results:
         if "error" in r:
             print(f"{_shown(r['path'])}: ERROR {r['error']}")
@@ -195,9 +205,10 @@ def _screen(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "output folder (--out)", inputs=tuple(args.scans))
     from monai_multiad.screening import screen_paths
 
-    report = screen_paths(_absolute(args.run), [_absolute(p) for p in args.scans], out, device=args.device,
-                          modality=args.modality, window=args.window, series_uid=args.series,
-                          batch_size=args.batch_size, top_k=args.top_k)
+    with folder_lock(out, "multiad screen"):
+        report = screen_paths(_absolute(args.run), [_absolute(p) for p in args.scans], out, device=args.device,
+                              modality=args.modality, window=args.window, series_uid=args.series,
+                              batch_size=args.batch_size, top_k=args.top_k)
     failed = [r for r in report if r.get("status") != "ok"]
     for r in report:
         line = f"score {r['scan_score']:.4f}" if r.get("status") == "ok" else f"FAILED {r.get('error')}"
@@ -229,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except MultiADInputError as e:
         print(f"multiad: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        print(f"multiad: error: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("multiad: interrupted; the last completed epoch's checkpoint is usable with --resume", file=sys.stderr)
         return 130

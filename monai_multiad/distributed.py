@@ -25,13 +25,15 @@ import os
 import socket
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import ignite.distributed as idist
 import torch
 
 from monai_multiad.config import RunConfig
-from monai_multiad.errors import MultiADInputError
+from monai_multiad.errors import MultiADInputError, OutputWriteError
+from monai_multiad.io import folder_lock
 
 __all__ = ["default_backend", "train_distributed", "main"]
 
@@ -155,18 +157,24 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc > 1:
                 raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-            with idist.Parallel(backend=default_backend(local_world, cfg.device)):
+            # rank 0 holds the run folder for the group (the other ranks do not write there)
+            lock = folder_lock(run_dir, "multiad train (torchrun)") if os.environ["RANK"] == "0" else nullcontext()
+            with lock, idist.Parallel(backend=default_backend(local_world, cfg.device)):
                 _setup_rank(args.verbose)
                 from monai_multiad.workflow import train
 
                 summary = train(cfg, run_dir, resume=resume)
                 rank0, processes = idist.get_rank() == 0, idist.get_world_size()
         else:
-            summary = train_distributed(cfg, run_dir, max(args.nproc, 1), resume=resume, verbose=args.verbose)
+            with folder_lock(run_dir, "multiad train"):
+                summary = train_distributed(cfg, run_dir, max(args.nproc, 1), resume=resume, verbose=args.verbose)
             rank0, processes = True, max(args.nproc, 1)
     except MultiADInputError as e:
         print(f"multiad: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        print(f"multiad: error: {e.strerror or e}", file=sys.stderr)
+        return 1
     if rank0:
         print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
               f"{summary['train_seconds']} s on {summary['device']}, {processes} process(es); "

@@ -2,16 +2,23 @@
 
 Every error the package raises for bad input is a :class:`ValueError` subclass whose message
 names the file (where there is one), what was found and what is expected, in one line.
-The CLI prints that line and exits with status 2 instead of showing a traceback.
+The CLI prints that line and exits with status 2 instead of showing a traceback. An output that
+cannot be written (:class:`OutputWriteError`: a full disk, a quota) is one line and status 1.
 """
 
 from __future__ import annotations
 
-__all__ = ["MultiADInputError", "WeightsError", "input_error"]
+__all__ = ["MultiADInputError", "OutputWriteError", "WeightsError", "input_error"]
 
 
 class MultiADInputError(ValueError):
     """Bad user input: a file, folder, tensor or option that cannot be used as given."""
+
+
+class OutputWriteError(OSError):
+    """An output that could not be written (full disk, quota, file size limit, read-only or
+    vanished folder). The message names the file and the reason; nothing half-written is left.
+    The CLI prints it and exits with status 1."""
 
 
 class WeightsError(MultiADInputError):

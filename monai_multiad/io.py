@@ -1,11 +1,17 @@
 """Writing results safely: every output goes to a temporary name in the target folder and is
-renamed into place when complete, so an interrupted run never leaves a half-written file; and
-:func:`check_output_dir`, which refuses an output folder that cannot be used before any work starts."""
+renamed into place when complete, so an interrupted run never leaves a half-written file, and a
+write that fails (a full disk) is one :class:`~monai_multiad.errors.OutputWriteError` naming the
+file; :func:`check_output_dir`, which refuses an output folder that cannot be used before any work
+starts; and :func:`folder_lock`, which keeps two processes from writing into one folder."""
 
 from __future__ import annotations
 
+import datetime
+import errno
 import json
+import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +20,42 @@ from typing import Any
 
 import numpy as np
 
-from monai_multiad.errors import input_error
+from monai_multiad.errors import MultiADInputError, OutputWriteError, input_error
 
-__all__ = ["atomic_path", "check_output_dir", "display_path", "write_json", "write_png", "write_text"]
+__all__ = ["atomic_path", "check_output_dir", "display_path", "folder_lock", "write_error", "write_json", "write_png",
+           "write_text"]
+
+logger = logging.getLogger("monai_multiad")
+
+# errors that mean "the storage cannot take this file", whatever wrote it
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.ENOENT, errno.EACCES}
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says a file could not be written: an ``OSError`` of the storage, or the
+    ``RuntimeError`` that ``torch.save``'s zip writer raises for one."""
+    if isinstance(exc, OutputWriteError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _WRITE_ERRNOS
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILURES)
+
+
+# what torch.save's zip writer says when the file system took fewer bytes than it wrote
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "inline_container")
+
+
+def write_error(path: str | Path, exc: BaseException) -> BaseException:
+    """``exc`` as an :class:`OutputWriteError` naming ``path`` when it is a failed write, else ``exc``."""
+    if isinstance(exc, OutputWriteError) or not is_write_failure(exc):
+        return exc
+    if isinstance(exc, OSError) and exc.errno:
+        reason = os.strerror(exc.errno)
+    else:  # torch's writer does not pass the system's reason on
+        reason = "the file system took fewer bytes than were written: a full disk, a quota or a file size limit"
+    return OutputWriteError(exc.errno if isinstance(exc, OSError) else errno.EIO,
+                            f"{display_path(path)}: could not be written ({reason}); nothing half-written was "
+                            "left. Free some disk space or choose another output folder, then run again")
 
 
 @contextmanager
@@ -30,6 +69,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        error = write_error(path, e)
+        if error is e:
+            raise
+        raise error from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -93,6 +137,73 @@ def check_output_dir(path: str | Path, what: str = "output folder", inputs: tupl
             raise input_error(given, f"is an input folder: the {what} must be another folder, so that outputs "
                                      "do not mix with the data read")
     return absolute
+
+
+LOCK_NAME = ".multiad.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold ``folder`` for one process while ``command`` writes there.
+
+    A lock file ``.multiad.lock`` (pid, host, command, start time) is created exclusively; if
+    another live process holds it, a :class:`MultiADInputError` names that process and nothing is
+    written. A lock left by a process that no longer runs on this host (killed) is taken over with
+    a warning. The lock is removed at the end, and so is ``folder`` when this call created it and
+    nothing was written there (a command that fails on its input leaves nothing behind).
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+          "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = _read_lock(lock)
+            if other is not None and other.get("host") == me["host"] and not _alive(other.get("pid")):
+                logger.warning("%s: removing the lock of %s (pid %s), which no longer runs", display_path(folder),
+                               other.get("command", "a process"), other.get("pid"))
+                lock.unlink(missing_ok=True)
+                continue
+            who = (f"{other.get('command', 'multiad')} (pid {other.get('pid')} on {other.get('host')}, "
+                   f"since {other.get('started')})") if other else "another process (its lock file is unreadable)"
+            raise input_error(display_path(folder), f"in use by {who}: wait for it to finish or choose another "
+                              f"folder; if no such process runs any more, delete {display_path(lock)}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise input_error(display_path(folder), f"could not take the lock {LOCK_NAME}")
+    try:
+        yield folder
+    finally:
+        if (_read_lock(lock) or {}).get("pid") == me["pid"]:
+            lock.unlink(missing_ok=True)
+        if created:
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                pass
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True  # exists but not ours, or unreadable: assume held
+    return True
 
 
 def display_path(path: str | Path) -> str:

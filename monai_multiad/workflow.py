@@ -27,14 +27,14 @@ import torch
 from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver, EarlyStopping, TerminateOnNan
 from monai.utils import set_determinism
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from monai_multiad.config import MODEL_KEYS, RunConfig
 from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnorm_momentum
 from monai_multiad.engines.evaluator import fit_fusion, validation_loss
 from monai_multiad.engines.trainer import MultiADTrainer
 from monai_multiad.errors import MultiADInputError, WeightsError
-from monai_multiad.io import write_json
+from monai_multiad.io import atomic_path, write_error, write_json
 from monai_multiad.networks import MultiAD
 
 __all__ = [
@@ -118,13 +118,36 @@ def _detect_layout(root: Path) -> str:
     return detect_layout(root)
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Indices ``0..n-1`` in an order that depends only on ``seed`` and the epoch (``set_epoch``,
+    as ``DistributedSampler``; the trainer calls it when an epoch starts). The order is drawn when
+    iteration begins, from a generator of its own, so a run resumed at epoch N sees the batches
+    the uninterrupted run saw (``RandomSampler`` draws from the loader's generator, whose state
+    depends on how many epochs this process has run)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(self.n, generator=g).tolist()
+
+
 def build_loader(dataset: Dataset, cfg: RunConfig, shuffle: bool) -> DataLoader:
-    """A loader that shards across ranks under ``ignite.distributed`` (``idist.auto_dataloader``)."""
-    kwargs = dict(batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers, drop_last=False)
+    """A loader that shards across ranks under ``ignite.distributed`` (``idist.auto_dataloader``);
+    in one process, shuffled by :class:`EpochShuffleSampler`."""
+    kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=False)
     if idist.get_world_size() > 1:
-        return idist.auto_dataloader(dataset, **kwargs)
-    g = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(dataset, generator=g, pin_memory=torch.cuda.is_available(), **kwargs)
+        return idist.auto_dataloader(dataset, shuffle=shuffle, **kwargs)
+    g = torch.Generator().manual_seed(cfg.seed)  # worker seeds
+    sampler = EpochShuffleSampler(len(dataset), cfg.seed) if shuffle else None
+    return DataLoader(dataset, sampler=sampler, generator=g, pin_memory=torch.cuda.is_available(), **kwargs)
 
 
 def build_optimizer(cfg: RunConfig, network: MultiAD) -> torch.optim.Optimizer:
@@ -193,13 +216,12 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         stage_weights=cfg.loss_stage_weights,
         augment_flips=cfg.augment_flips,
         lr_scheduler=build_scheduler(cfg, optimizer, len(loader)),
+        seed=cfg.seed,
     )
 
 
 def save_model(path: str | Path, network: MultiAD, cfg: RunConfig, fusion_stats: dict | None = None) -> None:
     """Write the trained network, its fusion statistics and its config (atomically)."""
-    from monai_multiad.io import atomic_path
-
     payload = {"config": cfg.to_dict(), "state_dict": network.state_dict(), "fusion": fusion_stats or {}}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -303,7 +325,6 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
 
     to_save = trainer.checkpoint_objects()
     ckpt_dir = run_dir / "checkpoints"
-    last = Checkpoint(to_save, DiskSaver(ckpt_dir, require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
     val_engine = validation_loss(network, device)
     if idist.get_world_size() > 1:  # one val loss on all ranks: early stopping and "best" agree
         val_engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(
@@ -311,7 +332,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     best_objects = {k: v for k, v in to_save.items() if k in ("student", "discriminator")}
     best = Checkpoint(
         best_objects,
-        DiskSaver(ckpt_dir, require_empty=False, atomic=True),
+        CheckpointSaver(ckpt_dir),
         filename_prefix="best",
         # one name whatever the objects (Ignite names a lone object's file after its key)
         filename_pattern="{filename_prefix}_checkpoint_{global_step}_{score_name}={score}.{ext}",
@@ -320,6 +341,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
         n_saved=1,
         global_step_transform=lambda *_: trainer.state.epoch,
     )
+    early_stopping = None
+    if cfg.early_stop_patience > 0:
+        early_stopping = EarlyStopping(cfg.early_stop_patience, lambda e: -e.state.metrics["val_loss"], trainer,
+                                       min_delta=1e-4)
+    # the last checkpoint also holds which file is the best so far and the early-stopping count,
+    # so that a resumed run compares its epochs with those before the interruption
+    run_state = {"best_checkpointer": best, **({"early_stopping": early_stopping} if early_stopping else {})}
+    last = Checkpoint({**to_save, **run_state}, CheckpointSaver(ckpt_dir), filename_prefix="last", n_saved=1)
     log = _EpochLog(run_dir / "log.csv", run_dir / "tensorboard" if rank0 else None)
     epoch_start = [time.perf_counter()]
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
@@ -336,11 +365,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     if rank0:
         val_engine.add_event_handler(Events.COMPLETED, best)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
-    if cfg.early_stop_patience > 0:
-        val_engine.add_event_handler(
-            Events.COMPLETED,
-            EarlyStopping(cfg.early_stop_patience, lambda e: -e.state.metrics["val_loss"], trainer, min_delta=1e-4),
-        )
+    if early_stopping is not None:
+        val_engine.add_event_handler(Events.COMPLETED, early_stopping)
     if cfg.max_steps > 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=cfg.max_steps), lambda e: e.terminate())
     if progress and rank0 and sys.stderr.isatty():
@@ -348,7 +374,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
 
         ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
     if resume is not None:
-        _resume(Path(resume), to_save, cfg)
+        source = _resume(Path(resume), to_save, run_state, cfg)
+        if rank0:
+            log.rows = _previous_log_rows(source.parent.parent / "log.csv", trainer.state.epoch)
+            _adopt_checkpoints(source, ckpt_dir, last, best)
+    elif rank0:
+        _clear_checkpoints(ckpt_dir)
 
     t0 = time.perf_counter()
     interrupted = _run_interruptibly(trainer)
@@ -398,12 +429,57 @@ def _run_interruptibly(trainer: MultiADTrainer) -> bool:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _resume(path: Path, to_save: dict, cfg: RunConfig) -> None:
+class CheckpointSaver(DiskSaver):
+    """Ignite's atomic ``DiskSaver`` with two changes for a run a user must be able to resume:
+    a checkpoint that a newer one replaces is removed only once the newer one is written (so a
+    failed write, e.g. a full disk, leaves the previous checkpoint in place), and a failed write
+    is an :class:`~monai_multiad.errors.OutputWriteError` naming the file, with no partial file left."""
+
+    def __init__(self, dirname: str | Path) -> None:
+        super().__init__(dirname, atomic=True, require_empty=False)
+        self._replaced: list[str] = []
+
+    def remove(self, filename: str) -> None:
+        self._replaced.append(filename)
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        folder = Path(self.dirname)
+        before = set(folder.iterdir()) if folder.is_dir() else set()
+        try:
+            super().__call__(checkpoint, filename, metadata)
+        except Exception as e:
+            for leftover in set(folder.iterdir()) - before if folder.is_dir() else ():
+                leftover.unlink(missing_ok=True)  # Ignite's temporary file, when closing it failed too
+            raise write_error(folder / filename, e) from e
+        replaced, self._replaced = self._replaced, []
+        for name in replaced:
+            if name != filename:
+                super().remove(name)
+
+
+def _checkpoint_number(path: Path) -> int:
+    """``last_checkpoint_675.pt`` -> 675 (the iteration), ``best_checkpoint_3_...`` -> 3 (the epoch)."""
+    try:
+        return int(path.stem.split("_")[2].split("=")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def last_checkpoint_in(run_dir: Path) -> Path | None:
+    """The newest ``last_checkpoint_<iteration>.pt`` of a run folder (by number, not by name:
+    ``_675`` is after ``_90``), or ``None``."""
+    found = [*(run_dir / "checkpoints").glob("last_checkpoint_*.pt"), *run_dir.glob("last_checkpoint_*.pt")]
+    return max(found, key=_checkpoint_number) if found else None
+
+
+def _resume(path: Path, to_save: dict, run_state: dict, cfg: RunConfig) -> Path:
+    """Load the checkpoint ``path`` (or a run folder's newest) into ``to_save`` and, when it holds
+    them, into ``run_state`` (the best-so-far record and the early-stopping count). Returns the file."""
     if path.is_dir():
-        found = sorted((path / "checkpoints").glob("last_checkpoint_*.pt")) or sorted(path.glob("last_checkpoint_*.pt"))
-        if not found:
+        found = last_checkpoint_in(path)
+        if found is None:
             raise MultiADInputError(f"{path}: no last_checkpoint_*.pt to resume from")
-        path = found[-1]
+        path = found
     if not path.is_file():
         raise MultiADInputError(f"{path}: checkpoint to resume from not found")
     try:
@@ -418,10 +494,87 @@ def _resume(path: Path, to_save: dict, cfg: RunConfig) -> None:
         raise WeightsError(f"{path}: checkpoint lacks {', '.join(missing)} (made by another configuration?)")
     try:
         Checkpoint.load_objects(to_save, state)
-    except (RuntimeError, ValueError) as e:
+        Checkpoint.load_objects({k: v for k, v in run_state.items() if k in state}, state)
+    except (RuntimeError, ValueError, KeyError) as e:
         raise WeightsError(f"{path}: checkpoint does not fit this network: {str(e).splitlines()[0]}") from e
+    trainer = to_save["trainer"]
+    if "lr_scheduler" not in to_save:  # a constant rate: this run's --lr, not the one saved with the optimizer
+        for group in to_save["optimizer"].param_groups:
+            if group["lr"] != cfg.lr:
+                logger.warning("resuming with learning rate %g (the checkpoint's was %g)", cfg.lr, group["lr"])
+                group["lr"] = cfg.lr
+    if trainer.state.epoch >= cfg.epochs:
+        raise MultiADInputError(f"{path}: the checkpoint has {trainer.state.epoch} epoch(s) done, not fewer than "
+                                f"--epochs {cfg.epochs}: raise --epochs to train on")
     # the saved state ends at its own max_epochs; go on to this run's
-    to_save["trainer"].state.max_epochs = cfg.epochs
+    trainer.state.max_epochs = cfg.epochs
+    return path
+
+
+def _previous_log_rows(log_file: Path, epochs: int) -> list[dict]:
+    """The rows of the resumed run's ``log.csv`` up to its checkpoint's epoch (later rows belong to
+    epochs that are trained again), so the log goes on instead of starting empty."""
+    if not log_file.is_file():
+        return []
+    rows = []
+    with log_file.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                values = {k: float(v) for k, v in row.items() if v not in (None, "")}
+            except ValueError:
+                continue
+            values["epoch"] = int(values.get("epoch", 0))
+            if 0 < values["epoch"] <= epochs:
+                rows.append(values)
+    return rows
+
+
+def _adopt_checkpoints(source: Path, ckpt_dir: Path, last: Checkpoint, best: Checkpoint) -> None:
+    """After a resume: the run folder's checkpoints are the resumed checkpoint and the best one
+    recorded in it (copied here when resuming from another folder); other ``last_*``/``best_*``
+    files (later epochs being trained again, or an earlier run's) are removed."""
+    import shutil
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    keep = set()
+    if source.parent.resolve() == ckpt_dir.resolve():
+        _set_saved(last, [(_checkpoint_number(source), source.name)])
+        keep.add(source.name)
+    saved = []
+    for priority, name in _saved(best):
+        origin = source.parent / name
+        if not origin.is_file():
+            logger.warning("%s: the best checkpoint recorded in %s is missing; the best epoch is chosen among the "
+                           "epochs trained from now on", origin, source.name)
+            continue
+        if origin.resolve() != (ckpt_dir / name).resolve():
+            with atomic_path(ckpt_dir / name) as tmp:
+                shutil.copyfile(origin, tmp)
+        saved.append((priority, name))
+        keep.add(name)
+    _set_saved(best, saved)
+    _clear_checkpoints(ckpt_dir, keep)
+
+
+def _saved(handler: Checkpoint) -> list[tuple]:
+    """The (priority, file name) pairs an Ignite ``Checkpoint`` keeps (its state dict's one entry)."""
+    return [tuple(item) for item in next(iter(handler.state_dict().values()))]
+
+
+def _set_saved(handler: Checkpoint, items: list[tuple]) -> None:
+    key = next(iter(handler.state_dict()))
+    handler.load_state_dict({key: items})
+
+
+def _clear_checkpoints(ckpt_dir: Path, keep: set[str] = frozenset()) -> None:
+    """Remove ``last_*``/``best_*`` checkpoints of ``ckpt_dir`` except ``keep``: a run folder holds
+    one run's checkpoints, so that ``--resume`` and the best epoch can only mean this run's."""
+    stale = [p for p in [*ckpt_dir.glob("last_checkpoint_*.pt"), *ckpt_dir.glob("best_checkpoint_*.pt")]
+             if p.name not in keep]
+    if stale:
+        logger.warning("%s: replacing %d checkpoint(s) of an earlier run in this folder", ckpt_dir, len(stale))
+    for p in stale:
+        p.unlink(missing_ok=True)
 
 
 def _device_name(device: torch.device) -> str:

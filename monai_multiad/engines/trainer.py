@@ -9,6 +9,7 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 
 from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss
@@ -58,6 +59,11 @@ class MultiADTrainer(Trainer):
         lr_scheduler: stepped after every student update (per iteration), when given.
         augment_flips: flip each training image left-right and up-down at random (teacher and
             student see the same flipped image); for textures and parts with no preferred orientation.
+        seed: when given, every epoch starts by seeding torch's random generator and the loader's
+            generator from ``(seed, epoch)`` and calling its sampler's ``set_epoch``: an epoch's
+            batches, flips and dropout depend only on the seed and the epoch number, so a run resumed
+            from epoch N's checkpoint repeats what the uninterrupted run did from there (``None``: the
+            generators run on).
         other arguments: as ``monai.engines.Trainer``.
 
     The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
@@ -84,6 +90,7 @@ class MultiADTrainer(Trainer):
         hard_mining: float = 0.0,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         augment_flips: bool = False,
+        seed: int | None = None,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -114,6 +121,22 @@ class MultiADTrainer(Trainer):
         self.discriminator = network.discriminator
         if distributed and self.use_discriminator:
             self.discriminator = idist.auto_model(network.discriminator, sync_bn=False)
+        self.seed = seed
+        if seed is not None:
+            self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
+
+    def _seed_epoch(self, engine: MultiADTrainer) -> None:
+        # the batches' order: a sampler with set_epoch (EpochShuffleSampler; MONAI sets a
+        # DistributedSampler's itself) orders by epoch; the loader's generator seeds its workers
+        epoch_seed = (int(self.seed) * 1_000_003 + engine.state.epoch) % (2**63)
+        torch.manual_seed(epoch_seed)
+        loader = engine.data_loader
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(engine.state.epoch)
+        generator = getattr(loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(epoch_seed)
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a training checkpoint holds (for resume): this engine, the student, its optimizer,
