@@ -227,6 +227,26 @@ def check_resume(path: str | Path, cfg: RunConfig, objects: dict[str, Any]) -> P
     return path
 
 
+def restore_best_tracking(saver, best_file: str | Path) -> bool:
+    """On ``--resume``: give the best-model ``CheckpointSaver`` the record of the best validation
+    loss so far (saved in ``best_model.pt`` with ``key_metric_save_state``), so that the resumed
+    epochs replace the best model only when they beat it. ``saver`` is ``None`` on ranks that do
+    not save. Returns whether a record was restored."""
+    best_file = Path(best_file)
+    if saver is None or not best_file.is_file():
+        return False
+    try:
+        state = torch.load(best_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise WeightsError(f"{best_file}: cannot read the best checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "checkpointer" not in state:
+        logger.warning("%s holds no record of its validation loss: the resumed epochs choose the best model "
+                       "among themselves", best_file)
+        return False
+    saver.load_state_dict(state["checkpointer"])
+    return True
+
+
 def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, resume: str | Path | None = None) -> Path:
     """Create the run folder and write ``config.json`` (rank 0 only under ``ignite.distributed``).
     A new run (no ``resume``) removes a ``checkpoints/best_model.pt`` left by an earlier run in the
@@ -304,7 +324,9 @@ def finish_training(
     best = Path(best_checkpoint) if best_checkpoint else None
     if best is not None and best.is_file():
         objects = {k: v for k, v in training_objects(trainer).items() if k in ("student", "discriminator")}
-        Checkpoint.load_objects(objects, torch.load(best, map_location=device, weights_only=True))
+        state = torch.load(best, map_location=device, weights_only=True)
+        state.pop("checkpointer", None)  # the saver's record of the best loss (key_metric_save_state)
+        Checkpoint.load_objects(objects, state)
     fusion = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
     summary = {
         "epochs": trainer.state.epoch,

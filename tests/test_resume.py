@@ -255,3 +255,37 @@ def test_nproc_2_from_the_command_line(work):
     assert (work / "two" / "model.pt").is_file() and not (work / "two" / ".multiad.lock").exists()
     run(work, "evaluate", "--run", "two")
     assert json.loads((work / "two" / "metrics.json").read_text())["evaluation"]["num_images"] == 8
+
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def bundle_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    config = str(BUNDLES / "multiad_industrial" / "configs" / "train.json")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", "bundle_root",
+           "--dataset_dir", "data", "--device", "cpu", "--run_config#image_size", "64", "--run_config#batch_size",
+           "8", "--run_config#backbone", "resnet18", "--run_config#pretrained", "none", "--run_config#in_channels",
+           "1", *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_bundle_resume_goes_on_from_the_checkpoint_and_keeps_the_best_record(work):
+    """The industrial bundle, 2 epochs, then ``--resume`` its last checkpoint (MONAI's
+    CheckpointLoader) to 3 epochs: training goes on from iteration 2 x epoch length, and the
+    best model's record of the best validation loss is carried over, never worse than before."""
+    bundle_train(work, "--run_config#epochs", "2")
+    ckpt = work / "bundle_root" / "models" / "checkpoints"
+    before = torch.load(ckpt / "best_model.pt", weights_only=True)["checkpointer"]
+    (best_before,) = [float(item[0]) for item in next(iter(before.values()))]
+    first = json.loads((work / "bundle_root" / "models" / "metrics.json").read_text())["training"]
+    assert first["epochs"] == 2
+
+    bundle_train(work, "--run_config#epochs", "3", "--resume", str(ckpt / "last_checkpoint_epoch=2.pt"))
+    summary = json.loads((work / "bundle_root" / "models" / "metrics.json").read_text())["training"]
+    assert summary["epochs"] == 3 and summary["iterations"] == first["iterations"] // 2 * 3
+    after = torch.load(ckpt / "best_model.pt", weights_only=True)["checkpointer"]
+    (best_after,) = [float(item[0]) for item in next(iter(after.values()))]
+    assert best_after >= best_before  # -val_loss: the resumed run compared epoch 3 with epochs 1-2
