@@ -42,7 +42,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from monai_multiad.data.volumes import FG_THRESHOLD, MIN_FOREGROUND, intensity_kwargs
-from monai_multiad.errors import MultiADInputError, input_error
+from monai_multiad.errors import MultiADInputError, OutputWriteError, input_error
 from monai_multiad.io import atomic_path, display_path, write_json, write_png, write_text
 from monai_multiad.transforms.volume import load_volume, scale_intensity, slice_foreground, slice_info, \
     slices_to_volume, volume_to_slices
@@ -327,7 +327,10 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
             row = screen_path(loaded, scan, out_dir, name=name, series_uid=series_uid, modality=modality,
                               window=window, batch_size=batch_size, top_k=top_k, **kwargs)
         except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
-            msg = str(e) if isinstance(e, MultiADInputError) else f"{type(e).__name__}: {e}"
+            if isinstance(e, OutputWriteError):
+                msg = e.strerror  # names the file that could not be written
+            else:
+                msg = str(e) if isinstance(e, MultiADInputError) else f"{type(e).__name__}: {e}"
             row = {"scan": str(scan), "name": name, "status": "failed", "scan_score": None, "anomalous": None,
                    "threshold": loaded.threshold, "num_slices": None, "screened_slices": None, "top_slices": [],
                    "map": "", "seconds": round(time.perf_counter() - t0, 3),

@@ -188,22 +188,47 @@ def test_a_second_train_into_a_busy_run_folder_is_refused(work):
     assert not (work / "busy" / ".multiad.lock").exists()
 
 
-def test_screening_into_a_folder_another_process_holds_is_refused(work, uninterrupted):
+@pytest.fixture(scope="module")
+def scan(work) -> str:
+    """A phantom head with a lesion, as NIfTI (screened with the 1-channel run trained above)."""
+    from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
+
+    image, _ = make_phantom_volume((64, 64, 24), lesion=True, seed=1)
+    write_nifti(work / "scan.nii.gz", image)
+    return "scan.nii.gz"
+
+
+def test_screening_into_a_folder_another_screening_holds_is_refused(work, uninterrupted, scan):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         out = work / "held"
         out.mkdir()
         lock = {"pid": holder.pid, "host": os.uname().nodename, "command": "multiad screen", "started": "now"}
         (out / ".multiad.lock").write_text(json.dumps(lock))
-        proc = run(work, "predict", "data/test/good", "--run", "straight", "--out", "held", code=2)
-        assert f"pid {holder.pid}" in proc.stderr and ".multiad.lock" in proc.stderr
+        proc = run(work, "screen", scan, "--run", "straight", "--out", "held", code=2)
+        assert f"multiad screen (pid {holder.pid}" in proc.stderr and ".multiad.lock" in proc.stderr
         assert sorted(p.name for p in out.iterdir()) == [".multiad.lock"]  # nothing written
     finally:
         holder.kill()
         holder.wait()
     # the holder is gone: its lock is stale and is taken over
-    run(work, "predict", "data/test/good", "--run", "straight", "--out", "held")
-    assert (work / "held" / "predictions.json").is_file() and not (work / "held" / ".multiad.lock").exists()
+    proc = run(work, "screen", scan, "--run", "straight", "--out", "held")
+    assert "removing the lock" in proc.stderr
+    assert (work / "held" / "report.csv").is_file() and not (work / "held" / ".multiad.lock").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_map_that_cannot_be_written_fails_that_scan_with_the_file_named(work, uninterrupted, scan):
+    """Files over 16 KiB cannot be written: the scan's map or montage fails, the scan is reported
+    as failed naming the file, the report (small) is written, exit status 1, no temporary file."""
+    proc = run(work, "screen", scan, "--run", "straight", "--out", "fullmaps", code=1,
+               preexec_fn=_file_size_limit(16 * 1024))
+    assert re.search(r"scan\.nii\.gz: FAILED \S+: could not be written", proc.stdout), proc.stdout
+    assert "Traceback" not in proc.stderr
+    report = list(csv.DictReader((work / "fullmaps" / "report.csv").open()))
+    assert report[0]["status"] == "failed" and "could not be written" in report[0]["error"]
+    assert not [p for p in (work / "fullmaps").rglob(".*") if p.name != ".multiad.lock"]
+    assert not (work / "fullmaps" / ".multiad.lock").exists()
 
 
 def _file_size_limit(limit: int):
