@@ -41,6 +41,15 @@ def is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILURES)
 
 
+def _chain(exc: BaseException | None):
+    """``exc`` and the exceptions it was raised from or during (torch.save's writer fails twice)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 # what torch.save's zip writer says when the file system took fewer bytes than it wrote
 _TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "inline_container")
 
@@ -49,11 +58,12 @@ def write_error(path: str | Path, exc: BaseException) -> BaseException:
     """``exc`` as an :class:`OutputWriteError` naming ``path`` when it is a failed write, else ``exc``."""
     if isinstance(exc, OutputWriteError) or not is_write_failure(exc):
         return exc
-    if isinstance(exc, OSError) and exc.errno:
-        reason = os.strerror(exc.errno)
-    else:  # torch's writer does not pass the system's reason on
+    system = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS), None)
+    if system is not None:
+        reason = os.strerror(system.errno)
+    else:  # torch's writer does not always pass the system's reason on
         reason = "the file system took fewer bytes than were written: a full disk, a quota or a file size limit"
-    return OutputWriteError(exc.errno if isinstance(exc, OSError) else errno.EIO,
+    return OutputWriteError(system.errno if system is not None else errno.EIO,
                             f"{display_path(path)}: could not be written ({reason}); nothing half-written was "
                             "left. Free some disk space or choose another output folder, then run again")
 
