@@ -197,24 +197,12 @@ def check_resume(path: str | Path, cfg: RunConfig, objects: dict[str, Any]) -> P
     (its run's ``config.json`` and every tensor's shape) and is not past ``cfg.epochs``.
     Problems are one-line :class:`MultiADInputError` / :class:`WeightsError` messages."""
     from monai_multiad.networks.weights import load_complete
-    from monai_multiad.workflow import check_compatible
+    from monai_multiad.run_folder import read_training_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise MultiADInputError(f"{path}: checkpoint to resume from not found (set --resume)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise WeightsError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: not a training checkpoint (expected a dict of objects)")
-    config_file = path.parent.parent / "config.json"
-    if config_file.is_file():
-        check_compatible(RunConfig.load(config_file).to_dict(), cfg, path)
-    missing = [k for k in objects if k not in state]
-    if missing:
-        raise WeightsError(f"{path}: checkpoint lacks {', '.join(missing)} (made by another configuration, "
-                           "e.g. with or without the discriminator?)")
+    state = read_training_checkpoint(path, cfg, objects)
     for name, obj in objects.items():
         if isinstance(obj, torch.nn.Module):
             load_complete(obj, state[name], f"{path} [{name}]")
@@ -318,7 +306,7 @@ def finish_training(
 
     from monai_multiad.engines.evaluator import fit_fusion
     from monai_multiad.io import write_json
-    from monai_multiad.workflow import save_model
+    from monai_multiad.run_folder import save_model
 
     network, device = trainer.network, trainer.state.device
     best = Path(best_checkpoint) if best_checkpoint else None

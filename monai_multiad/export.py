@@ -46,10 +46,10 @@ __all__ = [
 
 
 def resolve_model(model_or_run: MultiAD | str | Path) -> MultiAD:
-    """A :class:`MultiAD`, or the one in a run folder / ``model.pt`` (``workflow.load_model``)."""
+    """A :class:`MultiAD`, or the one in a run folder / ``model.pt`` (``run_folder.load_model``)."""
     if isinstance(model_or_run, MultiAD):
         return model_or_run
-    from monai_multiad.workflow import load_model
+    from monai_multiad.run_folder import load_model
 
     return load_model(model_or_run, "cpu")[0]
 
@@ -201,7 +201,7 @@ def network_def_config(model_or_run: MultiAD | str | Path) -> dict:
         if m.discriminator is not None:
             kwargs["discriminator_channels"] = _discriminator_channels(m)
     else:
-        from monai_multiad.workflow import load_model
+        from monai_multiad.run_folder import load_model
 
         kwargs = dict(load_model(model_or_run, "cpu")[1].model_kwargs())
         kwargs["discriminator_channels"] = list(kwargs["discriminator_channels"])

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_multiad.errors import MultiADInputError, OutputWriteError, input_error
+from monai_multiad.errors import OutputWriteError, input_error
 
 __all__ = ["atomic_path", "check_output_dir", "display_path", "folder_lock", "write_error", "write_json", "write_png",
            "write_text"]
