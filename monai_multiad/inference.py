@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from monai_multiad.metrics import AUPRO, F1Max, ImageAUROC, PixelAUROC
 from monai_multiad.visualize import contact_sheet, overlay
 from monai_multiad.workflow import build_datasets, build_loader, load_model, resolve_device
 
-__all__ = ["evaluate", "predict", "anomaly_metrics", "format_table"]
+__all__ = ["evaluate", "predict", "score_images", "anomaly_metrics", "format_table"]
 
 
 def _pixel_rows(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,41 +181,68 @@ def _collect_images(inputs: list[str | Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto") -> list[dict]:
-    """Score each image; write ``<name>_overlay.png`` (map over image at its original size) and
-    ``predictions.json`` (score, threshold, anomalous) to ``out_dir``. An unreadable image is
-    recorded with its error and the others go on."""
+def score_images(network, cfg: RunConfig, paths: list[Path], device) -> Iterator[dict]:
+    """Score each image file as ``predict`` does (read at ``cfg.in_channels``, resized to the network's
+    size): yields ``{"path", "image" (C, H, W), "map" (H, W) at the image's own size, "score"}``, or
+    ``{"path", "error"}`` for an image that cannot be read. Also what ``multiad calibrate`` scores."""
     from monai_multiad.data.images import read_image, resize_image, restore_size
 
+    for path in paths:
+        try:
+            image = read_image(path, channels=cfg.in_channels)
+        except MultiADInputError as e:
+            yield {"path": str(path), "error": str(e)}
+            continue
+        x = resize_image(torch.from_numpy(image), (cfg.image_size, cfg.image_size))[None].to(device)
+        amap, score = network(x.clamp(0, 1))
+        full = np.asarray(restore_size(amap[0].cpu(), image.shape[-2:]))[0]
+        yield {"path": str(path), "image": image, "map": full, "score": float(score[0])}
+
+
+def _image_threshold(run_dir, cfg: RunConfig, fusion: dict):
+    """The run's image threshold: calibrated (``multiad calibrate`` on 2D images) or the fusion's."""
+    from monai_multiad.calibration import image_threshold, load_calibration
+
+    return image_threshold(load_calibration(run_dir), fusion.get("threshold"),
+                           fusion.get("threshold_quantile", cfg.threshold_quantile),
+                           {"image_size": cfg.image_size, "in_channels": cfg.in_channels})
+
+
+@torch.no_grad()
+def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto") -> list[dict]:
+    """Score each image; write ``<name>_overlay.png`` (map over image at its original size) and
+    ``predictions.json`` (score, threshold and its source, anomalous) to ``out_dir``. The threshold is
+    the run's calibrated one (``calibration.json``) when there is one, else the fusion's fitted at
+    training. An unreadable image is recorded with its error and the others go on."""
     dev = resolve_device(device)
     network, cfg, fusion = load_model(run_dir, dev)
-    threshold = fusion.get("threshold")
+    chosen = _image_threshold(run_dir, cfg, fusion)
+    threshold = chosen.value
     out_dir = Path(out_dir).absolute()  # predictions.json names files that are found from anywhere
     results, used = [], set()
-    for path in _collect_images(inputs):
+    paths = _collect_images(inputs)
+    names = []
+    for path in paths:
         name = path.stem
         if name in used:  # same file name in another folder (test/good/000.png, test/blob/000.png)
             name = f"{path.parent.name}_{path.stem}"
         while name in used:
             name += "_"
         used.add(name)
-        try:
-            image = read_image(path, channels=cfg.in_channels)
-        except MultiADInputError as e:
-            results.append({"path": str(path), "error": str(e)})
+        names.append(name)
+    for name, r in zip(names, score_images(network, cfg, paths, dev)):
+        if "error" in r:
+            results.append(r)
             continue
-        x = resize_image(torch.from_numpy(image), (cfg.image_size, cfg.image_size))[None].to(dev)
-        amap, score = network(x.clamp(0, 1))
-        full = restore_size(amap[0].cpu(), image.shape[-2:])
-        full = np.asarray(full)[0]
+        image, full, s = r["image"], r["map"], r["score"]
         vmax = max(float(threshold) if threshold else 0.0, float(full.max()))
         overlay_path = out_dir / f"{name}_overlay.png"
         write_png(overlay_path, overlay(image, full, vmax=vmax))
-        s = float(score[0])
         results.append({
-            "path": str(path),
+            "path": r["path"],
             "score": s,
             "threshold": threshold,
+            "threshold_source": chosen.description,
             "anomalous": bool(threshold is not None and s > threshold),
             "overlay": str(overlay_path),
             "size": list(image.shape[-2:]),

@@ -10,8 +10,11 @@ and affine. Background slices get 0.
 * slice score: the network's image score of the slice (its map's maximum);
 * **scan score: the mean of the ``top_k`` highest slice scores** (all slices when fewer), robust
   to one noisy slice yet sensitive to a lesion that spans a few slices;
-* ``anomalous``: scan score > threshold, the run's normal threshold (the ``threshold_quantile``
-  of the normal validation *slice* scores) unless one is given; ``False`` when none is known.
+* ``anomalous``: scan score > threshold: the run's calibrated scan threshold (``multiad calibrate``:
+  a known false-positive rate on normal scans, :mod:`monai_multiad.calibration`) when it has one for
+  these settings, else its normal threshold (the ``threshold_quantile`` of the normal validation
+  *slice* scores) unless one is given; ``False`` when none is known. Slices are marked against the
+  calibrated slice threshold, or that same normal threshold.
 
 For research scripts, the torch-level call is :func:`screen_volume`::
 
@@ -24,7 +27,8 @@ For research scripts, the torch-level call is :func:`screen_volume`::
 Slice indices are canonical (RAS-reoriented) indices along the axis; ``slice_scores.csv`` also
 gives the matching index along the scan's own array axis. For DICOM input, the map is written as
 NIfTI with the series' geometry (its LPS position/orientation converted to NIfTI's RAS affine by
-:func:`~monai_multiad.transforms.load_volume`), so it overlays the series in any viewer.
+:func:`~monai_multiad.transforms.load_volume`), so it overlays the series in any viewer, and, with the
+``[dicom]`` extra, as a DICOM Parametric Map over the series (:mod:`monai_multiad.dicom_output`).
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ DEMO_SHAPE, DEMO_NORMAL_SCANS, DEMO_STEPS = (64, 64, 48), 5, 60
 DEMO_OPTIONS: dict = {"stages": [1, 2]}
 
 REPORT_FIELDS = ("scan", "name", "status", "scan_score", "anomalous", "threshold", "num_slices", "screened_slices",
-                 "top_slices", "map", "seconds", "error")
+                 "top_slices", "map", "seconds", "error", "threshold_source", "slice_threshold",
+                 "dicom_map", "dicom_seg", "dicom_note")  # dicom_*: DICOM series only (monai_multiad.dicom_output)
 
 
 @dataclass
@@ -76,6 +81,9 @@ class ScreeningResult:
     montage_slices: list[int] = field(default_factory=list)  #: the most anomalous slices, highest first (<= 6)
     montage_images: torch.Tensor | None = field(default=None, repr=False)  #: their (n, 1, S, S) images in [0, 1]
     montage_maps: torch.Tensor | None = field(default=None, repr=False)  #: their (n, 1, S, S) maps
+    threshold_source: str = ""  #: where ``threshold`` comes from, in words (calibrated, uncalibrated, given)
+    slice_threshold: float | None = None  #: the slice-level threshold (calibrated, else the run's normal one)
+    slice_threshold_source: str = ""
 
 
 @dataclass
@@ -90,6 +98,8 @@ class _Run:
     axis: str = "axial"
     threshold: float | None = None
     amp: bool = False
+    threshold_quantile: float = 0.99
+    calibration: dict | None = None  #: the run folder's calibration.json (monai_multiad.calibration)
 
 
 def _load_run(model_or_run: Any, device=None) -> _Run:
@@ -110,8 +120,25 @@ def _load_run(model_or_run: Any, device=None) -> _Run:
     dev = resolve_device(device or "auto")
     model, cfg, fusion = load_model(model_or_run, dev)
     thr = fusion.get("threshold")
+    from monai_multiad.calibration import load_calibration
+
     return _Run(model, dev, cfg.image_size, cfg.modality, cfg.ct_window or None, cfg.slice_axis,
-                None if thr is None else float(thr), bool(cfg.amp) and dev.type == "cuda")
+                None if thr is None else float(thr), bool(cfg.amp) and dev.type == "cuda",
+                float(fusion.get("threshold_quantile", cfg.threshold_quantile)), load_calibration(model_or_run))
+
+
+def _thresholds(run: _Run, top_k: int | None, modality: str, window: Any, axis: str, size: int,
+                given: float | None = None):
+    """(top_k, scan Threshold, slice Threshold): the run's calibrated thresholds where its calibration.json
+    was made with these settings, else its normal threshold; ``top_k`` None: the calibration's, else 3."""
+    from monai_multiad.calibration import volume_thresholds
+
+    made = (run.calibration or {}).get("settings", {})
+    top_k = int(top_k if top_k is not None else made.get("top_k", 3))
+    settings = {"top_k": top_k, "modality": modality, "slice_axis": axis, "image_size": size,
+                "window": list(window) if isinstance(window, (tuple, list)) else window}
+    scan, slc = volume_thresholds(run.calibration, run.threshold, run.threshold_quantile, settings, given)
+    return top_k, scan, slc
 
 
 def _as_volume(volume: Any, series_uid: str | None = None) -> MetaTensor:
@@ -129,8 +156,8 @@ def _as_volume(volume: Any, series_uid: str | None = None) -> MetaTensor:
 
 @torch.no_grad()
 def screen_volume(model: Any, volume: Any, *, modality: str | None = None, window: Any = None,
-                  axis: str | None = None, image_size: int | None = None, batch_size: int = 32, top_k: int = 3,
-                  threshold: float | None = None, device=None, series_uid: str | None = None,
+                  axis: str | None = None, image_size: int | None = None, batch_size: int = 32,
+                  top_k: int | None = None, threshold: float | None = None, device=None, series_uid: str | None = None,
                   progress: bool = False) -> ScreeningResult:
     """Screen one scan slice by slice and put the maps back on its grid.
 
@@ -144,18 +171,21 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
             network sees (default the run's, 256 for a bare network).
         batch_size: slices per forward pass: memory is one batch at model resolution, the map stack
             ``(N, 1, S, S)`` and the output volume; the scan is never copied at model resolution at once.
-        top_k: scan score = mean of the ``top_k`` highest slice scores.
-        threshold: decision threshold on the scan score (default the run's normal threshold).
+        top_k: scan score = mean of the ``top_k`` highest slice scores (default: the run's
+            calibration's, else 3).
+        threshold: decision threshold on the scan score (default the run's calibrated scan threshold
+            for these settings, else its normal threshold).
         device: where to run a run folder's network ("auto" default). series_uid: for DICOM folders.
     """
     run = _load_run(model, device)
-    if batch_size < 1 or top_k < 1:
-        raise MultiADInputError(f"batch_size and top_k must be at least 1, got {batch_size} and {top_k}")
     modality = (modality or run.modality).lower()
     window = window if window not in (None, "") else run.window
     axis, size = axis or run.axis, int(image_size or run.image_size)
+    top_k, scan_threshold, slice_threshold = _thresholds(run, top_k, modality, window, axis, size, threshold)
+    if batch_size < 1 or top_k < 1:
+        raise MultiADInputError(f"batch_size and top_k must be at least 1, got {batch_size} and {top_k}")
     in_channels = int(getattr(run.model, "in_channels", 3))
-    threshold = run.threshold if threshold is None else float(threshold)
+    threshold = scan_threshold.value
     vol = _as_volume(volume, series_uid)
     scaled = scale_intensity(vol, **intensity_kwargs(modality, window))
     if isinstance(volume, (str, Path)):
@@ -201,7 +231,9 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
     }
     return ScreeningResult(amap_volume, slice_scores, scan_score, top,
                            bool(threshold is not None and scan_score > threshold), threshold, result_info,
-                           info, [kept[i] for i in shown], shown_images, maps[shown])
+                           info, [kept[i] for i in shown], shown_images, maps[shown],
+                           threshold_source=scan_threshold.description, slice_threshold=slice_threshold.value,
+                           slice_threshold_source=slice_threshold.description)
 
 
 def _array_index(info: dict, k: int) -> int:
@@ -237,6 +269,20 @@ def _write_map(path: Path, amap: MetaTensor) -> None:
         nib.save(img, str(tmp))
 
 
+def _write_dicom(path, folder: Path, res: ScreeningResult, series_uid: str | None) -> dict:
+    """For a DICOM series, the map as a DICOM Parametric Map over it (and the flagged region as a
+    Segmentation): the report's ``dicom_*`` fields, empty for other scans. Never raises: a DICOM
+    output that cannot be written is said in ``dicom_note`` and the scan stays screened."""
+    from monai_multiad.dicom_output import write_scan_dicom
+
+    amap = res.anomaly_map
+    if amap.meta.get("format") != "dicom":
+        return {"dicom_map": "", "dicom_seg": "", "dicom_note": ""}
+    return write_scan_dicom(path, folder, amap.as_tensor()[0].numpy(), np.asarray(amap.affine, dtype=np.float64),
+                            series_uid=amap.meta.get("series_uid") or series_uid, anomalous=res.anomalous,
+                            threshold=res.threshold)
+
+
 def scan_name(path: str | Path) -> str:
     """Output folder name of a scan: the file name without .nii/.nii.gz/.dcm, or the folder name."""
     p = Path(path)
@@ -250,7 +296,8 @@ def screen_path(model_or_run: Any, path: str | Path, out_dir: str | Path, *, nam
                 series_uid: str | None = None, **kwargs) -> dict:
     """Screen one scan file or DICOM folder and write ``out_dir/<scan name>/``: ``anomaly_map.nii.gz``
     (the scan's shape and affine), ``slice_scores.csv``, ``montage.png`` (the most anomalous slices,
-    map overlaid, radiological display) and ``result.json``, each written atomically.
+    map overlaid, radiological display) and ``result.json``, each written atomically; for a DICOM
+    series also ``anomaly_map.dcm`` (and ``anomalous_region.seg.dcm`` when flagged), see :func:`_write_dicom`.
 
     ``kwargs`` go to :func:`screen_volume` (modality, window, axis, image_size, batch_size, top_k,
     threshold, device, progress). Returns the report row (see :data:`REPORT_FIELDS`); errors raise.
@@ -266,15 +313,19 @@ def screen_path(model_or_run: Any, path: str | Path, out_dir: str | Path, *, nam
     w = csv.writer(buf)
     w.writerow(["slice", "array_index", "score", "above_threshold"])
     for k, s in sorted(res.slice_scores.items()):
-        above = "" if res.threshold is None else int(s > res.threshold)
+        above = "" if res.slice_threshold is None else int(s > res.slice_threshold)
         w.writerow([k, _array_index(res.slicing, k), f"{s:.6g}", above])
     write_text(files["slice_scores"], buf.getvalue())
     write_png(files["montage"], _montage(res))
+    dicom = _write_dicom(path, folder, res, series_uid)
     seconds = round(time.perf_counter() - t0, 3)
     row = {"scan": str(path), "name": folder.name, "status": "ok", "scan_score": res.scan_score,
            "anomalous": res.anomalous, "threshold": res.threshold, "num_slices": res.info["num_slices"],
            "screened_slices": res.info["screened_slices"], "top_slices": res.top_slices,
-           "map": str(files["anomaly_map"]), "seconds": seconds, "error": ""}
+           "map": str(files["anomaly_map"]), "seconds": seconds, "error": "",
+           "threshold_source": res.threshold_source, "slice_threshold": res.slice_threshold,
+           "slice_threshold_source": res.slice_threshold_source}
+    row.update(dicom)
     write_json(files["result"], {**row, **res.info, "affine": res.anomaly_map.affine.tolist(),
                                  "format": res.anomaly_map.meta.get("format"),
                                  "files": {k: str(v) for k, v in files.items()}})
@@ -308,7 +359,7 @@ def _unique_names(scans: Sequence[str | Path]) -> list[str]:
 
 def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
                  modality: str | None = None, window: Any = None, series_uid: str | None = None,
-                 batch_size: int = 32, top_k: int = 3, progress: bool = True, **kwargs) -> list[dict]:
+                 batch_size: int = 32, top_k: int | None = None, progress: bool = True, **kwargs) -> list[dict]:
     """Screen several scans with one run (loaded once): one output folder per scan, and
     ``out_dir/report.csv`` + ``report.json`` with one row per scan. A scan that cannot be read or
     screened gets ``status "failed"`` and its ``error``; the others go on. Returns the rows."""
@@ -319,6 +370,12 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
     rows: list[dict] = []
     scans = list(scans)
     names = _unique_names(scans)
+    _, scan_thr, slice_thr = _thresholds(loaded, top_k, (modality or loaded.modality).lower(),
+                                         window if window not in (None, "") else loaded.window,
+                                         kwargs.get("axis") or loaded.axis,
+                                         int(kwargs.get("image_size") or loaded.image_size), kwargs.get("threshold"))
+    failed_thresholds = {"threshold": scan_thr.value, "threshold_source": scan_thr.description,
+                         "slice_threshold": slice_thr.value, "slice_threshold_source": slice_thr.description}
     bar = tqdm(list(zip(scans, names)), desc="screening", unit="scan", disable=None if progress else True)
     for scan, name in bar:
         bar.set_postfix_str(name)
@@ -332,9 +389,9 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
             else:
                 msg = str(e) if isinstance(e, MultiADInputError) else f"{type(e).__name__}: {e}"
             row = {"scan": str(scan), "name": name, "status": "failed", "scan_score": None, "anomalous": None,
-                   "threshold": loaded.threshold, "num_slices": None, "screened_slices": None, "top_slices": [],
+                   "num_slices": None, "screened_slices": None, "top_slices": [],
                    "map": "", "seconds": round(time.perf_counter() - t0, 3),
-                   "error": msg.splitlines()[0] if msg else ""}
+                   "error": msg.splitlines()[0] if msg else "", **failed_thresholds}
         rows.append(row)
     _write_report(out_dir, rows)
     return rows
