@@ -142,6 +142,7 @@ def write_dicom_series(
     modality: str = "MR",
     series_uid: str | None = None,
     series_description: str = "synthetic",
+    frame_of_reference_uid: str | None = None,
 ) -> list[Path]:
     """Write ``array`` as a DICOM series, one ``.dcm`` file per slice (``IM0001.dcm`` ...).
 
@@ -159,6 +160,8 @@ def write_dicom_series(
         modality: "MR" or "CT" (any DICOM modality code is written as given).
         series_uid: SeriesInstanceUID; a new one when ``None``.
         series_description: SeriesDescription (0008|103e).
+        frame_of_reference_uid: FrameOfReferenceUID (0020|0052), which every scanner series carries and
+            derived objects (a DICOM anomaly map) share; a new one when ``None``.
 
     Returns:
         The files written, in slice order.
@@ -191,6 +194,7 @@ def write_dicom_series(
         ("0008|103e", series_description),
         ("0020|000d", study_uid),
         ("0020|000e", series_uid),
+        ("0020|0052", frame_of_reference_uid or pydicom.uid.generate_uid()),
         ("0020|0037", "\\".join(_ds(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
         ("0028|0030", f"{_ds(float(spacing[1]))}\\{_ds(float(spacing[0]))}"),
         ("0018|0050", _ds(float(spacing[2]))),
