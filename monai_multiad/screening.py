@@ -361,7 +361,8 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
                  modality: str | None = None, window: Any = None, series_uid: str | None = None,
                  batch_size: int = 32, top_k: int | None = None, progress: bool = True, **kwargs) -> list[dict]:
     """Screen several scans with one run (loaded once): one output folder per scan, and
-    ``out_dir/report.csv`` + ``report.json`` with one row per scan. A scan that cannot be read or
+    ``out_dir/report.csv`` + ``report.json`` with one row per scan, and ``report.html`` to open
+    (:mod:`monai_multiad.report_html`). A scan that cannot be read or
     screened gets ``status "failed"`` and its ``error``; the others go on. Returns the rows."""
     from tqdm.auto import tqdm
 
@@ -394,6 +395,10 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
                    "error": msg.splitlines()[0] if msg else "", **failed_thresholds}
         rows.append(row)
     _write_report(out_dir, rows)
+    from monai_multiad.report_html import write_report_html  # report.html: the page to open, after csv/json
+
+    write_report_html(out_dir, rows, run if isinstance(run, (str, Path)) else None,
+                      threshold_given=kwargs.get("threshold") is not None)
     return rows
 
 
