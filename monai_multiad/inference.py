@@ -109,6 +109,8 @@ def evaluate(
         o = engine.state.output
         for i, score in enumerate(o["score"].tolist()):
             rows.append({"path": o["path"][i], "label": int(o["label"][i]), "score": score, "index": len(rows)})
+            if "case" in o:  # a slice of a volume
+                rows[-1].update(case=o["case"][i], slice_index=int(o["slice_index"][i]))
 
     try:
         evaluator.run()
@@ -129,14 +131,87 @@ def evaluate(
         "num_anomalous": sum(r["label"] for r in rows),
         "dataset_dir": str(cfg.dataset_dir),
     }
+    volumes = bool(rows) and "case" in rows[0]
+    scans: list[dict[str, Any]] = []
+    if volumes:
+        scans, scan_metrics = volume_metrics(rows, cfg, fusion, run_dir)
+        metrics["slice_auroc"] = metrics["image_auroc"]
+        metrics["voxel_auroc"] = metrics["pixel_auroc"]
+        metrics.update(scan_metrics)
+        if metrics["voxel_auroc"] is not None:
+            metrics["pixel_metrics"] = (f"over the voxels of the test scans' foreground slices, each slice resampled "
+                                        f"to {cfg.image_size} x {cfg.image_size}")
     write_json(out_dir / "metrics.json", {**_previous(out_dir / "metrics.json"), "evaluation": metrics})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "label", "score"], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out_dir / "scores.csv", buf.getvalue())
+    fields = ["path", "label", "score"] + (["case", "slice_index"] if volumes else [])
+    write_text(out_dir / "scores.csv", _csv(rows, fields))
+    if volumes:
+        write_text(out_dir / "scans.csv", _csv(scans, ["case", "label", "scan_score", "anomalous", "num_slices",
+                                                       "top_slices"]))
     _write_sheet(network, test_ds, rows, out_dir / "contact_sheet.png", dev, sheet_size)
     return metrics
+
+
+def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _rate(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
+def volume_metrics(rows: list[dict[str, Any]], cfg: RunConfig, fusion: dict, run_dir: str | Path,
+                   top_k: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Scan-level evaluation of a volume test split from its slice rows (``case``, ``label``,
+    ``score``, ``slice_index``): a scan is abnormal when any of its slices is labelled (its label
+    volume is non-empty there), its score is screening's, the mean of its ``top_k`` highest slice
+    scores (``top_k`` default: the run's calibration's, else 3). Returns (one row per scan, metrics):
+    scan AUROC (``None``, with the reason, when the scans are all of one kind), and sensitivity and
+    specificity of scans and slices at the thresholds ``multiad screen`` flags with (calibrated ones
+    when the run's ``calibration.json`` applies, else the normal threshold fitted at training)."""
+    from monai_multiad.calibration import load_calibration, volume_thresholds
+    from monai_multiad.metrics import image_auroc
+
+    record = load_calibration(run_dir)
+    top_k = int(top_k or ((record or {}).get("settings") or {}).get("top_k", 3))
+    settings = {"top_k": top_k, "modality": cfg.modality, "slice_axis": cfg.slice_axis,
+                "image_size": cfg.image_size, "window": cfg.ct_window or None}
+    scan_thr, slice_thr = volume_thresholds(record, fusion.get("threshold"),
+                                            float(fusion.get("threshold_quantile", cfg.threshold_quantile)), settings)
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], []).append(r)
+    scans = []
+    for case, slices in by_case.items():
+        ranked = sorted(slices, key=lambda r: (-r["score"], r["slice_index"]))[:top_k]
+        score = float(np.mean([r["score"] for r in ranked]))
+        scans.append({"case": case, "label": int(any(r["label"] for r in slices)), "scan_score": score,
+                      "anomalous": None if scan_thr.value is None else bool(score > scan_thr.value),
+                      "num_slices": len(slices), "top_slices": " ".join(str(r["slice_index"]) for r in ranked)})
+    labels = np.array([s["label"] for s in scans])
+    scores = np.array([s["scan_score"] for s in scans])
+    kinds = int(labels.sum()), int((labels == 0).sum())
+    if min(kinds) == 0:
+        scan_auroc, note = None, (f"skipped: all {len(scans)} test scans are "
+                                  f"{'abnormal' if kinds[1] == 0 else 'normal'}; a scan AUROC needs both kinds")
+    else:
+        scan_auroc, note = image_auroc(scores, labels), f"{kinds[0]} abnormal and {kinds[1]} normal scans"
+    out: dict[str, Any] = {"scan_auroc": scan_auroc, "scan_metrics": note, "num_scans": len(scans),
+                           "num_abnormal_scans": kinds[0], "top_k": top_k}
+    for unit, thr, items, key in (("scan", scan_thr, scans, "scan_score"), ("slice", slice_thr, rows, "score")):
+        out[f"{unit}_threshold"] = thr.value
+        out[f"{unit}_threshold_source"] = str(thr)
+        if thr.value is None:
+            out[f"{unit}_sensitivity"] = out[f"{unit}_specificity"] = None
+            continue
+        flagged = [(int(x["label"]), x[key] > thr.value) for x in items]
+        out[f"{unit}_sensitivity"] = _rate(sum(f for y, f in flagged if y), sum(1 for y, _ in flagged if y))
+        out[f"{unit}_specificity"] = _rate(sum(not f for y, f in flagged if not y),
+                                           sum(1 for y, _ in flagged if not y))
+    return scans, out
 
 
 def _previous(path: Path) -> dict:
