@@ -249,7 +249,7 @@ def _screen(args: argparse.Namespace) -> int:
     for r in report:
         line = f"score {r['scan_score']:.4f}" if r.get("status") == "ok" else f"FAILED {r.get('error')}"
         print(f"{_shown(r['scan'])}: {line}")
-    print(f"wrote {Path(args.out) / 'report.csv'}")
+    print(f"wrote {Path(args.out) / 'report.csv'} and {Path(args.out) / 'report.html'}")
     return 1 if failed else 0
 
 
