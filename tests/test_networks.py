@@ -200,10 +200,69 @@ def test_unknown_backbone_and_channels():
         MultiAD("resnet18", in_channels=2, pretrained=False)
 
 
-def test_fusion_modes_and_ablation_switches():
+def _independent_stage_maps(teacher, student, size) -> torch.Tensor:
+    """(B, K, H, W): ``1 - cos`` over channels per stage written out (dot product over norms), then
+    bilinearly upsampled, as the paper defines the per-stage maps."""
+    maps = []
+    for t, s in zip(teacher, student):
+        t, s = t.double(), s.double()
+        cos = (t * s).sum(1) / (t.norm(dim=1) * s.norm(dim=1))
+        maps.append(F.interpolate((1.0 - cos)[:, None], size=size, mode="bilinear", align_corners=False))
+    return torch.cat(maps, dim=1)
+
+
+def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """MONAI's own GaussianFilter (erf kernel truncated at 4 sigma, zero padding)."""
+    from monai.networks.layers import GaussianFilter
+
+    return GaussianFilter(spatial_dims=2, sigma=sigma, truncated=4.0, approx="erf")(x)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0},
+                                    {"sigma": 0, "fusion_mode": "product"}, {"sigma": 0, "fuse": False}])
+def test_fusion_modes_and_ablation_switches_give_the_maps_they_name(kwargs):
+    """The fused map against an independent computation: each stage's ``1 - cos``, divided by its
+    normal scale, combined by the mean (sum mode) or the geometric mean, i.e. the K-th root of the
+    elementwise product (product mode), or the last stage alone (``fuse=False``), then smoothed by
+    MONAI's Gaussian (none with ``sigma=0``); the score is the map's maximum."""
+    torch.manual_seed(0)
+    model = MultiAD("resnet18", pretrained=False, discriminator=False, **kwargs).eval()
+    scale = torch.tensor([0.3, 0.5, 0.8, 1.3])
+    model.fusion.set_statistics(scale, threshold=1.0)
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        amap, score = model(x)
+        teacher, student = model.features(x)
+    stages = _independent_stage_maps(teacher, student, (64, 96))
+    assert torch.allclose(model.stage_maps(x).double(), stages, atol=1e-6)
+    z = stages / scale.double().view(1, -1, 1, 1)
+    assert float(z.min()) > 0  # random networks: every stage map is positive, the product well defined
+    if not kwargs.get("fuse", True):
+        fused = z[:, -1:]
+    elif kwargs.get("fusion_mode") == "product":
+        fused = z.prod(dim=1, keepdim=True) ** (1.0 / z.shape[1])
+    else:
+        fused = z.mean(dim=1, keepdim=True)
+    sigma = kwargs.get("sigma", 4.0)
+    expected = _gaussian(fused, sigma) if sigma > 0 else fused
+    assert amap.shape == (2, 1, 64, 96)
+    torch.testing.assert_close(amap.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(score.double(), expected.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
+    if sigma > 0:  # smoothing changes the map: the unsmoothed one is measurably different
+        assert float((expected - fused).abs().max()) > 1e-2 * float(fused.abs().max())
+
+
+def test_switches_change_the_map():
+    """Each switch gives another map than the default on the same input and weights."""
+    torch.manual_seed(0)
     x = torch.rand(1, 3, 64, 64)
-    for kwargs in ({"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0}):
+    maps = {}
+    for name, kwargs in {"default": {}, "product": {"fusion_mode": "product"}, "last": {"fuse": False},
+                         "sharp": {"sigma": 0}}.items():
+        torch.manual_seed(1)  # the same weights for every variant
         model = MultiAD("resnet18", pretrained=False, discriminator=False, **kwargs).eval()
+        model.fusion.set_statistics(torch.tensor([0.3, 0.5, 0.8, 1.3]), threshold=1.0)
         with torch.no_grad():
-            amap, score = model(x)
-        assert amap.shape == (1, 1, 64, 64) and float(amap.min()) >= 0
+            maps[name] = model(x)[0]
+    for name in ("product", "last", "sharp"):
+        assert float((maps[name] - maps["default"]).abs().max()) > 1e-3, name
