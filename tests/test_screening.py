@@ -89,16 +89,74 @@ def test_nifti_screening_writes_map_report_and_montage(run_dir, tmp_path):
     assert not list((tmp_path / "out").rglob(".*"))  # no temporary files left
 
 
+def _affine_from_dicom_files(files: list[Path]) -> np.ndarray:
+    """The RAS voxel-to-world affine of a series, built from the tags of its files read back with
+    pydicom, in the order they were written (slice z = ``files[z]``): column i runs along the row
+    direction (ImageOrientationPatient[:3]) by PixelSpacing[1], row j along the column direction
+    (ImageOrientationPatient[3:]) by PixelSpacing[0], slice k from the first ImagePositionPatient to the
+    last; DICOM's LPS world turned to RAS."""
+    import pydicom
+
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
+    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
+    ipp = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * col_spacing
+    lps[:3, 1] = iop[3:] * row_spacing
+    lps[:3, 2] = (ipp[-1] - ipp[0]) / (len(files) - 1)
+    lps[:3, 3] = ipp[0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
 def test_dicom_series_map_has_the_series_geometry(run_dir, tmp_path):
     affine = AFFINES["oblique"]
     image, _ = make_phantom_volume((40, 40, 12), lesion=True, affine=affine, seed=1)
     spacing, origin, direction = itk_geometry_from_affine(affine)
-    write_dicom_series(tmp_path / "series", image, spacing, origin, direction)
+    files = write_dicom_series(tmp_path / "series", image, spacing, origin, direction)
+    written = _affine_from_dicom_files(files)
+    np.testing.assert_allclose(written, affine, atol=1e-6)  # what the tags say is the geometry asked for
     row = screen_path(run_dir, tmp_path / "series", tmp_path / "out", device="cpu")
-    amap, dicom = nib.load(row["map"]), load_volume(tmp_path / "series")
-    assert amap.shape == tuple(dicom.shape[1:])
-    np.testing.assert_allclose(amap.affine, dicom.affine.numpy(), atol=1e-4)
+    amap = nib.load(row["map"])
+    assert amap.shape == (40, 40, 12)
+    np.testing.assert_allclose(amap.affine, written, atol=1e-5)
     assert Path(row["map"]).parent.name == "series"
+
+
+@pytest.mark.parametrize("disorder", ["reversed_files", "shuffled_instance_numbers"])
+def test_dicom_series_in_any_file_order_gives_the_same_map(run_dir, tmp_path, disorder):
+    """Slices whose file names run backwards (IM0001.dcm holds the last slice), or whose InstanceNumbers
+    are shuffled against their positions: the series is ordered by position, so the map, its geometry
+    and the scan's scores are those of the series written in order."""
+    import pydicom
+
+    affine = AFFINES["oblique"]
+    image, _ = make_phantom_volume((40, 40, 12), lesion=True, affine=affine, seed=1)
+    spacing, origin, direction = itk_geometry_from_affine(affine)
+    in_order = write_dicom_series(tmp_path / "ordered", image, spacing, origin, direction)
+    files = write_dicom_series(tmp_path / "scrambled", image, spacing, origin, direction)
+    if disorder == "reversed_files":
+        for f in files:
+            f.rename(f.with_suffix(".tmp"))
+        for f, name in zip(files, reversed([f.name for f in files])):
+            f.with_suffix(".tmp").rename(f.parent / name)
+        first = pydicom.dcmread(tmp_path / "scrambled" / files[0].name, stop_before_pixels=True)
+        assert int(first.InstanceNumber) == len(files)  # IM0001.dcm is now the last slice
+    else:
+        numbers = np.random.default_rng(0).permutation(len(files)) + 1
+        assert (numbers != np.arange(1, len(files) + 1)).any()
+        for f, n in zip(files, numbers):
+            ds = pydicom.dcmread(f)
+            ds.InstanceNumber = int(n)
+            ds.save_as(f)
+    expected = screen_path(run_dir, tmp_path / "ordered", tmp_path / "out_ordered", device="cpu")
+    got = screen_path(run_dir, tmp_path / "scrambled", tmp_path / "out_scrambled", device="cpu")
+    ref_map, map_ = nib.load(expected["map"]), nib.load(got["map"])
+    np.testing.assert_allclose(map_.affine, _affine_from_dicom_files(in_order), atol=1e-5)
+    np.testing.assert_allclose(map_.affine, ref_map.affine, atol=1e-6)
+    np.testing.assert_allclose(map_.get_fdata(), ref_map.get_fdata(), rtol=1e-6, atol=1e-7)
+    assert got["scan_score"] == pytest.approx(expected["scan_score"], rel=1e-6)
+    assert got["top_slices"] == expected["top_slices"]
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
@@ -173,6 +231,8 @@ def test_bad_scans_are_reported_and_the_good_one_screened(run_dir, tmp_path, cap
                                           ("MR_small.dcm", {})])
 def test_real_pydicom_files_are_screened(run_dir, tmp_path, name, kwargs):
     pydicom_data = pytest.importorskip("pydicom.data")
+    import pydicom
+
     src = Path(pydicom_data.get_testdata_file(name))
     folder = tmp_path / "series"
     folder.mkdir()
@@ -182,4 +242,14 @@ def test_real_pydicom_files_are_screened(run_dir, tmp_path, name, kwargs):
         amap, vol = nib.load(row["map"]), load_volume(scan)
         assert amap.shape == tuple(vol.shape[1:]) and vol.shape[-1] == 1
         np.testing.assert_allclose(amap.affine, vol.affine.numpy(), atol=1e-4)
+        # one slice: its in-plane axes and position as the file's own tags give them
+        header = pydicom.dcmread(src, stop_before_pixels=True)
+        assert amap.shape[:2] == (int(header.Columns), int(header.Rows))
+        iop = np.asarray([float(v) for v in header.ImageOrientationPatient])
+        row_spacing, col_spacing = (float(v) for v in header.PixelSpacing)
+        lps_to_ras = np.array([-1.0, -1.0, 1.0])
+        np.testing.assert_allclose(amap.affine[:3, 0], lps_to_ras * iop[:3] * col_spacing, atol=1e-4)
+        np.testing.assert_allclose(amap.affine[:3, 1], lps_to_ras * iop[3:] * row_spacing, atol=1e-4)
+        ipp = np.asarray([float(v) for v in header.ImagePositionPatient])
+        np.testing.assert_allclose(amap.affine[:3, 3], lps_to_ras * ipp, atol=1e-4)
         assert row["screened_slices"] == 1 and (Path(row["map"]).parent / "montage.png").is_file()
