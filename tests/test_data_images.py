@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -451,10 +450,9 @@ def test_synthetic_texture_and_defect():
         assert np.array_equal(img[:, ~mask], c[:, ~mask])
 
 
-def test_write_mvtec_dataset_deterministic_and_fast(tmp_path):
-    start = time.perf_counter()
+def test_write_mvtec_dataset_deterministic(tmp_path):
+    # how long it takes is measured by benchmarks/synthetic_data.py, not asserted here
     a = write_mvtec_dataset(tmp_path / "a")
-    assert time.perf_counter() - start < 1.0
     b = write_mvtec_dataset(tmp_path / "b")
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
     assert len(files) == 40 + 10 + 10 + 10

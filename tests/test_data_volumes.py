@@ -69,9 +69,13 @@ def test_train_slices_are_normal_and_validation_is_split_by_case(volume_root):
             assert tuple(item["original_size"].tolist()) == (32, 32)
             if item["case"] == "sick_train":  # normal slices of a labelled volume only
                 assert not labels["sick_train"][:, :, item["slice_index"]].any()
-    sick = [train[i]["slice_index"] for i in range(len(train)) if train[i]["case"] == "sick_train"]
-    if "sick_train" in train_cases:
-        assert sick and len(sick) < SHAPE[2]
+    # sick_train is a train case of splits.json: its normal slices are in training or validation,
+    # whichever the seeded split put it in, and its lesion slices in neither
+    assert "sick_train" in train_cases | val_cases
+    holder = train if "sick_train" in train_cases else val
+    sick = {holder[i]["slice_index"] for i in range(len(holder)) if holder[i]["case"] == "sick_train"}
+    lesion = {k for k in range(SHAPE[2]) if labels["sick_train"][:, :, k].any()}
+    assert sick and lesion and not sick & lesion
     # seeded: the same seed gives the same validation cases
     assert _cases_of(volume_slice_datasets(_cfg(root), "train")[1]) == val_cases
 
