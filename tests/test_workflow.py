@@ -16,7 +16,9 @@ from monai_multiad.cli import main
 from monai_multiad.config import RunConfig
 from monai_multiad.data.synthetic_images import write_mvtec_dataset
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.workflow import load_model, train
+from monai_multiad.workflow import build_datasets, load_model, train
+
+from _reference import assert_evaluation_matches, recompute_evaluation
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -70,6 +72,8 @@ def test_run_folder_contents(trained_run):
 
 
 def test_evaluate_metrics_match_sklearn(trained_run, tmp_path):
+    """metrics.json and scores.csv against the run's model on the test images, scored here, and
+    scikit-learn (AUROCs, F1-max) or the exact sort-based AUPRO: not the package's metrics code."""
     out = tmp_path / "eval"
     assert main(["evaluate", "--run", str(trained_run), "--out", str(out), "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())["evaluation"]
@@ -78,9 +82,36 @@ def test_evaluate_metrics_match_sklearn(trained_run, tmp_path):
     labels = [int(r["label"]) for r in rows]
     scores = [float(r["score"]) for r in rows]
     assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
-    for key in ("pixel_auroc", "aupro", "f1_max"):
-        assert 0.0 <= metrics[key] <= 1.0
+    reference = recompute_evaluation(trained_run)
+    assert_evaluation_matches(metrics, reference)
+    assert {r["path"]: int(r["label"]) for r in rows} == reference["labels"]
+    for r in rows:
+        assert float(r["score"]) == pytest.approx(reference["scores"][r["path"]], rel=1e-6, abs=1e-9), r["path"]
+    assert 0.0 < metrics["pixel_auroc"] < 1.0 and 0.0 < metrics["aupro"] < 1.0  # not a degenerate case
     assert (out / "contact_sheet.png").stat().st_size > 0
+
+
+def test_fusion_is_fitted_on_the_validation_normals(trained_run):
+    """The decision threshold is the documented quantile (threshold_quantile, 0.99 by default) of the
+    validation normals' image scores, and each stage's scale the mean of its map over their pixels
+    (map_normalization "mean"), both recomputed here with the saved model."""
+    model, cfg, fusion = load_model(trained_run)
+    assert cfg.threshold_quantile == fusion["threshold_quantile"] == RunConfig().threshold_quantile == 0.99
+    assert cfg.map_normalization == fusion["normalization"] == "mean"
+    train_ds, val_ds = build_datasets(cfg, "train")
+    assert not {s["image"] for s in train_ds.samples} & {s["image"] for s in val_ds.samples}
+    images = torch.stack([val_ds[i]["image"] for i in range(len(val_ds))])
+    with torch.no_grad():
+        scores = torch.cat([model(images[i:i + cfg.batch_size])[1] for i in range(0, len(images), cfg.batch_size)])
+        stage_means = model.stage_maps(images).double().mean(dim=(0, 2, 3))
+    assert fusion["num_images"] == len(val_ds) == len(scores) > 1
+    expected = float(np.quantile(scores.numpy().astype(np.float64), 0.99))
+    assert fusion["threshold"] == pytest.approx(expected, rel=1e-6)
+    assert float(model.fusion.threshold) == pytest.approx(expected, rel=1e-6)
+    assert float(scores.max()) >= fusion["threshold"] > float(np.quantile(scores.numpy(), 0.5))
+    assert fusion["stage_scale"] == pytest.approx(stage_means.tolist(), rel=1e-5)
+    summary = json.loads((trained_run / "metrics.json").read_text())["training"]
+    assert summary["fusion"]["threshold"] == fusion["threshold"]
 
 
 def test_predict_writes_overlays_at_original_size(trained_run, textures, tmp_path):
@@ -97,7 +128,29 @@ def test_predict_writes_overlays_at_original_size(trained_run, textures, tmp_pat
     results = {Path(r["path"]).name: r for r in json.loads((out / "predictions.json").read_text())}
     assert "broken.png" in results["broken.png"]["error"]
     assert Image.open(results["big.png"]["overlay"]).size == (90, 70)
-    assert isinstance(results["big.png"]["anomalous"], bool)
+    big = results["big.png"]
+    threshold = load_model(trained_run)[2]["threshold"]
+    assert big["threshold"] == threshold and np.isfinite(threshold)
+    assert big["anomalous"] is (big["score"] > threshold)
+
+
+@pytest.mark.parametrize("size", [64, 96])  # 64: the training size; 96: resized on the way in by both
+def test_predict_scores_an_image_as_evaluate_does(trained_run, textures, tmp_path, size):
+    data = textures if size == 64 else write_mvtec_dataset(tmp_path / "tex96", n_train=1, n_test_good=3,
+                                                           n_test_defect=3, size=size, channels=3, seed=1)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(trained_run), "--dataset-dir", str(data), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    evaluated = {Path(r["path"]).resolve(): float(r["score"]) for r in csv.DictReader((out / "scores.csv").open())}
+    folders = [str(d) for d in sorted((data / "test").iterdir())]  # good/, blob/, scratch/
+    assert main(["predict", *folders, "--run", str(trained_run), "--out", str(tmp_path / "pred"),
+                 "--device", "cpu"]) == 0
+    predicted = {Path(r["path"]).resolve(): r for r in json.loads((tmp_path / "pred" / "predictions.json").read_text())}
+    assert predicted.keys() == evaluated.keys() and len(evaluated) >= 6
+    threshold = load_model(trained_run)[2]["threshold"]
+    for path, score in evaluated.items():
+        assert predicted[path]["score"] == pytest.approx(score, rel=1e-5, abs=1e-7), path
+        assert predicted[path]["anomalous"] is (predicted[path]["score"] > threshold)
 
 
 def test_resume_continues_from_last_epoch(textures, trained_run, tmp_path):
@@ -182,21 +235,56 @@ def test_magnetic_tile_brief_training_beats_chance(tmp_path):
     assert metrics["image_auroc"] > 0.65, metrics
 
 
-def test_interrupted_training_finishes_from_best_epoch(textures, tmp_path, monkeypatch):
-    """Ctrl-C (KeyboardInterrupt) mid-epoch: the run folder still gets a usable model.pt."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_training_finishes_from_best_epoch(textures, tmp_path, monkeypatch, how):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (a scheduler's time limit) in epoch 3: model.pt holds the
+    student of the best completed epoch by validation loss, here epoch 1 (epoch 2's loss is made
+    worse), not the last one, and the fusion is fitted."""
+    import signal
+
+    from ignite.engine import Events
+
+    import monai_multiad.workflow as workflow
     from monai_multiad.engines.trainer import MultiADTrainer
 
     original = MultiADTrainer._iteration
 
-    def interrupt_in_second_epoch(self, engine, batch):
-        if engine.state.epoch == 2:
-            raise KeyboardInterrupt
+    def interrupt_in_third_epoch(self, engine, batch):
+        if engine.state.epoch == 3:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "train() installs no SIGTERM handler"
+            os.kill(os.getpid(), signal.SIGTERM)  # train()'s handler raises KeyboardInterrupt here
+            pytest.fail("SIGTERM did not interrupt training")
         return original(self, engine, batch)
 
-    monkeypatch.setattr(MultiADTrainer, "_iteration", interrupt_in_second_epoch)
+    real_validation_loss = workflow.validation_loss
+    made_up = iter([1.0, 2.0])  # epoch 1 best, epoch 2 worse
+
+    def validation_loss_of_epoch(network, device):
+        engine = real_validation_loss(network, device)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_loss=next(made_up)))
+        return engine
+
+    monkeypatch.setattr(MultiADTrainer, "_iteration", interrupt_in_third_epoch)
+    monkeypatch.setattr(workflow, "validation_loss", validation_loss_of_epoch)
     cfg = RunConfig(dataset_dir=str(textures), image_size=64, batch_size=8, epochs=5, early_stop_patience=0,
                     discriminator_channels=(16,), device="cpu", val_fraction=0.2)
-    summary = train(cfg, tmp_path / "run", progress=False)
-    assert summary["interrupted"] and summary["epochs"] == 2
-    model, _, _ = load_model(tmp_path / "run")
+    run = tmp_path / "run"
+    summary = train(cfg, run, progress=False)
+    assert summary["interrupted"] and summary["epochs"] == 3 and summary["best_val_loss"] == 1.0
+    assert [float(r["val_loss"]) for r in csv.DictReader((run / "log.csv").open())] == [1.0, 2.0]
+    (best,) = (run / "checkpoints").glob("best_checkpoint_*.pt")
+    assert best.name.startswith("best_checkpoint_1_")  # epoch 1
+    (last,) = (run / "checkpoints").glob("last_checkpoint_*.pt")
+    best_state = torch.load(best, weights_only=True)
+    best_student = best_state.get("student", best_state)  # Ignite saves a lone object's state dict bare
+    last_student = torch.load(last, weights_only=True)["student"]
+    saved = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    saved_student = {k[len("student."):]: v for k, v in saved.items() if k.startswith("student.")}
+    assert saved_student.keys() == best_student.keys() and len(best_student) > 0
+    for k, v in best_student.items():
+        assert torch.equal(saved_student[k], v), k
+    assert any(not torch.equal(saved_student[k], v) for k, v in last_student.items())  # epoch 2 trained on
+    model, _, _ = load_model(run)
     assert model.fusion.fitted
