@@ -157,7 +157,10 @@ def test_resume_continues_from_last_epoch(textures, trained_run, tmp_path):
     run = tmp_path / "resumed"
     assert main(["train", str(textures), "--run-dir", str(run), "--epochs", "3", "--resume", str(trained_run), *TINY]) == 0
     log = list(csv.DictReader((run / "log.csv").open()))
-    assert [int(r["epoch"]) for r in log] == [3]
+    # the log goes on from the resumed run's (its epochs 1-2 copied), then the epoch trained here
+    assert [int(r["epoch"]) for r in log] == [1, 2, 3]
+    before = list(csv.DictReader((trained_run / "log.csv").open()))
+    assert [float(r["val_loss"]) for r in log[:2]] == pytest.approx([float(r["val_loss"]) for r in before])
     assert json.loads((run / "metrics.json").read_text())["training"]["epochs"] == 3
 
 
