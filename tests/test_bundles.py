@@ -33,6 +33,8 @@ from monai_multiad.bundle_support import (  # noqa: E402
 from monai_multiad.config import RunConfig  # noqa: E402
 from monai_multiad.errors import MultiADInputError, WeightsError  # noqa: E402
 
+from _reference import assert_evaluation_matches, recompute_evaluation  # noqa: E402
+
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SCHEMA = BUNDLES / "schema" / "meta_schema_20240725.json"
 NAMES = ("multiad_industrial", "multiad_brain_mri")
@@ -55,10 +57,18 @@ def bundle(name: str, *args: str, launcher: list[str] | None = None, check: bool
         args = tuple(a.replace("configs/", str(BUNDLES / name / "configs") + "/") for a in args)
     cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", *args]
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    proc = subprocess.run(cmd, cwd=cwd or BUNDLES / name, capture_output=True, text=True, timeout=300, env=env)
+    # utf-8 whatever the locale: a failing torchrun ends its message with an emoji
+    proc = subprocess.run(cmd, cwd=cwd or BUNDLES / name, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=300, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def _scores_csv(path: Path) -> dict[str, float]:
+    import csv
+
+    return {r["path"]: float(r["score"]) for r in csv.DictReader(path.open())}
 
 
 def _state_dict_file(run_dir: Path, path: Path) -> Path:
@@ -157,14 +167,28 @@ def test_industrial_train_evaluate_inference(industrial):
                   "--bundle_root", "bundle_root", "--device", "cpu", cwd=industrial["cwd"])
     metrics = json.loads((industrial["root"] / "eval" / "metrics.json").read_text())["evaluation"]
     assert metrics["num_images"] == 8 and metrics["num_anomalous"] == 4
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max"))
+    # the run's model on the test images, scored here; scikit-learn and the exact AUPRO, not the metrics code
+    reference = recompute_evaluation(run)
+    assert_evaluation_matches(metrics, reference)
+    evaluated = _scores_csv(industrial["root"] / "eval" / "scores.csv")
+    assert evaluated.keys() == reference["scores"].keys()
+    for path, score in evaluated.items():
+        assert score == pytest.approx(reference["scores"][path], rel=1e-6, abs=1e-9), path
     assert "image_auroc" in proc.stdout and (industrial["root"] / "eval" / "contact_sheet.png").is_file()
 
     out = industrial["root"] / "eval" / "predictions"
     bundle("multiad_industrial", "run", "--config_file", "configs/inference.json", "--bundle_root",
            "bundle_root", "--dataset_dir", "bottle", "--device", "cpu", cwd=industrial["cwd"])
     predictions = json.loads((out / "predictions.json").read_text())
-    assert len(predictions) == 8 and all("score" in p and Path(p["overlay"]).is_file() for p in predictions)
+    assert len(predictions) == 8 and all(Path(p["overlay"]).is_file() for p in predictions)
+    # inference scores each image as evaluation did, and flags it against the run's fitted threshold
+    threshold = json.loads((run / "metrics.json").read_text())["training"]["fusion"]["threshold"]
+    cwd = industrial["cwd"]  # paths in both files are as the bundle commands, run from there, wrote them
+    by_path = {(cwd / k).resolve(): v for k, v in evaluated.items()}
+    assert {(cwd / p["path"]).resolve() for p in predictions} == by_path.keys()
+    for p in predictions:
+        assert p["score"] == pytest.approx(by_path[(cwd / p["path"]).resolve()], rel=1e-5, abs=1e-7), p["path"]
+        assert p["threshold"] == threshold and p["anomalous"] is (p["score"] > threshold)
 
 
 def test_industrial_network_def_io_and_ckpt_export(industrial, tmp_path):
@@ -210,7 +234,14 @@ def test_brain_train_evaluate_screen(brain):
     bundle("multiad_brain_mri", "run", "--config_file", "configs/evaluate.json", "--bundle_root", "bundle_root",
            "--device", "cpu", cwd=brain["cwd"])
     metrics = json.loads((brain["root"] / "eval" / "metrics.json").read_text())["evaluation"]
-    assert metrics["num_anomalous"] > 0 and 0.0 <= metrics["pixel_auroc"] <= 1.0
+    reference = recompute_evaluation(brain["run"])
+    assert metrics["num_anomalous"] == sum(reference["labels"].values()) > 0
+    assert metrics["num_images"] == len(reference["labels"])
+    assert_evaluation_matches(metrics, reference)
+    evaluated = _scores_csv(brain["root"] / "eval" / "scores.csv")
+    assert evaluated.keys() == reference["scores"].keys()
+    for path, score in evaluated.items():
+        assert score == pytest.approx(reference["scores"][path], rel=1e-6, abs=1e-9), path
 
     proc = bundle("multiad_brain_mri", "run", "--config_file", "configs/inference.json", "--bundle_root",
                   "bundle_root", "--dataset_dir", "volumes", "--device", "cpu", cwd=brain["cwd"])
