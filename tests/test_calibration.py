@@ -297,3 +297,72 @@ def test_calibrate_on_normal_images_then_predict_flags_with_it(tmp_path):
     proc = multiad(cwd, "calibrate", "--run", "runs/tex", "data/tex/test/good", "--fpr", "0.05", code=2)
     assert "10 normal images cannot calibrate FPR 0.05: at least 19 are needed" in proc.stderr
     assert tree_digest(cwd / "runs") == before
+
+
+# ----------------------------------------------------------------------------- real data: lgg_flair
+LGG_TRAIN, LGG_CALIBRATE = 4, 20  # patients of the train split: trained on; then others, calibrated on
+
+
+def _fraction_above_by_patient(scores: list[np.ndarray], threshold: float, n_boot: int = 2000) -> list[float]:
+    """95 % interval of the fraction of slices above ``threshold``, patients resampled with replacement."""
+    draws = np.random.default_rng(1).integers(0, len(scores), size=(n_boot, len(scores)))
+    fractions = [np.mean(np.concatenate([scores[g] for g in row]) > threshold) for row in draws]
+    return [float(v) for v in np.percentile(fractions, [2.5, 97.5])]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not (LGG / "splits.json").is_file(), reason=f"{LGG} is absent (the shared lgg_flair data)")
+def test_lgg_flair_slice_calibration_on_train_patients_measured_on_test_patients(tmp_path):
+    """Every lgg_flair patient has a tumour, so the calibration is at slice level: a tiny model trained
+    briefly (16 steps) on the normal slices of 4 train patients; its slice threshold calibrated at FPR
+    0.05 on the normal slices (label slice empty) of 20 other train patients; then measured on the 20
+    test patients: the FPR on their normal slices (with its own by-patient bootstrap interval) against
+    the calibration's interval, and the sensitivity on their tumour slices. Printed for
+    docs/results.md ("Calibrated threshold on lgg_flair"). It checks the arithmetic on real score
+    distributions, not accuracy: the tiny model does not tell tumour slices apart."""
+    from sklearn.metrics import roc_auc_score
+
+    from monai_multiad.calibration import _labelled_slices, calibrate, write_calibration
+    from monai_multiad.screening import _load_run, screen_volume
+
+    splits = json.loads((LGG / "splits.json").read_text())
+    data = tmp_path / "lgg"
+    data.mkdir()
+    for name in splits["train"][:LGG_TRAIN]:
+        (data / name).symlink_to(LGG / name)
+    (data / "splits.json").write_text(json.dumps({"train": splits["train"][:LGG_TRAIN]}))
+    multiad(tmp_path, "train", "lgg", "--run-dir", "run", "--layout", "volumes", "--in-channels", "1",
+            "--image-size", "64", "--batch-size", "16", "--max-steps", "16", "--epochs", "4", "--stages", "1", "2",
+            "--early-stop-patience", "0", "--val-fraction", "0.25", "--device", "cpu")
+    run_dir = tmp_path / "run"
+    scans = [LGG / p / "flair.nii.gz" for p in splits["train"][LGG_TRAIN:LGG_TRAIN + LGG_CALIBRATE]]
+    record = calibrate(run_dir, scans, 0.05, device="cpu", level="slice",
+                       labels={s: s.parent / "mask.nii.gz" for s in scans})
+    write_calibration(run_dir, record)
+    part = record["slice"]
+    thr, (lo, hi) = part["threshold"], part["interval"]
+    assert record["scan"] is None and part["groups"] == LGG_CALIBRATE and part["calibration_fpr"] <= 0.05
+    assert lo <= part["calibration_fpr"] <= hi
+
+    run = _load_run(run_dir, "cpu")
+    normal, tumour = [], []
+    for p in splits["test"]:
+        res = screen_volume(run, LGG / p / "flair.nii.gz")
+        assert res.slice_threshold == thr and res.slice_threshold_source.startswith("calibrated: FPR 0.05")
+        lesion = _labelled_slices(LGG / p / "mask.nii.gz", "axial")
+        normal.append(np.array([s for k, s in res.slice_scores.items() if k not in lesion]))
+        tumour.append(np.array([s for k, s in res.slice_scores.items() if k in lesion]))
+    normal_all, tumour_all = np.concatenate(normal), np.concatenate(tumour)
+    fpr = float(np.mean(normal_all > thr))
+    test_lo, test_hi = _fraction_above_by_patient(normal, thr)
+    sensitivity = float(np.mean(tumour_all > thr))
+    auroc = roc_auc_score([0] * normal_all.size + [1] * tumour_all.size, np.concatenate([normal_all, tumour_all]))
+    print(f"\nlgg_flair slice calibration at FPR 0.05: threshold {thr:.4g} from {part['n']} normal slices of "
+          f"{part['groups']} train patients (FPR there {part['calibration_fpr']:.4f}, bootstrap interval "
+          f"[{lo:.4f}, {hi:.4f}]); on the {len(normal)} test patients: {normal_all.size} normal slices, FPR {fpr:.4f} "
+          f"(by-patient interval [{test_lo:.4f}, {test_hi:.4f}]; {'inside' if lo <= fpr <= hi else 'outside'} the "
+          f"calibration interval), {tumour_all.size} tumour slices, sensitivity {sensitivity:.4f}; "
+          f"slice AUROC {auroc:.4f}")
+    # the test patients' FPR is consistent with the calibration: their two by-patient intervals overlap
+    assert test_lo <= hi and lo <= test_hi
