@@ -289,6 +289,16 @@ COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "screen
             "demo": _demo}
 
 
+def error_exit(e: MultiADInputError | OutputWriteError) -> int:
+    """Print an error a user can act on as one line ``multiad: error: ...`` and return the exit
+    status: 2 for bad input, 1 for an output that could not be written."""
+    if isinstance(e, OutputWriteError):
+        print(f"multiad: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"multiad: error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -298,12 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("ignite").setLevel(logging.CRITICAL)
     try:
         return COMMANDS[args.command](args)
-    except MultiADInputError as e:
-        print(f"multiad: error: {e}", file=sys.stderr)
-        return 2
-    except OutputWriteError as e:
-        print(f"multiad: error: {e.strerror or e}", file=sys.stderr)
-        return 1
+    except (MultiADInputError, OutputWriteError) as e:
+        return error_exit(e)
     except KeyboardInterrupt:
         print("multiad: interrupted; the last completed epoch's checkpoint is usable with --resume", file=sys.stderr)
         return 130

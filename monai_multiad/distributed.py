@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m monai_multiad.distributed`` takes ``multiad train``'s arguments (the CLI's own
     parser, so the two cannot drift). Under torchrun each process joins the group from the
     environment; otherwise ``--nproc N`` spawns N processes like ``multiad train --nproc N``."""
-    from monai_multiad.cli import build_parser, train_inputs
+    from monai_multiad.cli import build_parser, error_exit, train_inputs
 
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = [a for a in argv if a in ("-v", "--verbose")]  # `multiad -v train ...`'s flag, accepted anywhere
@@ -169,12 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             with folder_lock(run_dir, "multiad train"):
                 summary = train_distributed(cfg, run_dir, max(args.nproc, 1), resume=resume, verbose=args.verbose)
             rank0, processes = True, max(args.nproc, 1)
-    except MultiADInputError as e:
-        print(f"multiad: error: {e}", file=sys.stderr)
-        return 2
-    except OutputWriteError as e:
-        print(f"multiad: error: {e.strerror or e}", file=sys.stderr)
-        return 1
+    except (MultiADInputError, OutputWriteError) as e:
+        return error_exit(e)
     if rank0:
         print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
               f"{summary['train_seconds']} s on {summary['device']}, {processes} process(es); "
