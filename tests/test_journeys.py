@@ -128,7 +128,9 @@ def test_resume_with_relative_folders(work):
     multiad(work, "train", "data/tex", "--run-dir", "runs/more", "--resume", "runs/tex", *TINY[:4], "--epochs", "2",
             *TINY[6:])
     log = (work / "runs" / "more" / "log.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in log[1:]] == ["2"]
+    source = (work / "runs" / "tex" / "log.csv").read_text().splitlines()
+    # the resumed run's log goes on from the run it resumed: epoch 1 from there, epoch 2 trained here
+    assert [line.split(",")[0] for line in log[1:]] == ["1", "2"] and log[1] == source[1]
 
 
 def test_labels_only_evaluation_reports_image_metrics(work):
