@@ -174,6 +174,7 @@ def volume_metrics(rows: list[dict[str, Any]], cfg: RunConfig, fusion: dict, run
     when the run's ``calibration.json`` applies, else the normal threshold fitted at training)."""
     from monai_multiad.calibration import load_calibration, volume_thresholds
     from monai_multiad.metrics import image_auroc
+    from monai_multiad.screening import rank_slices
 
     record = load_calibration(run_dir)
     top_k = int(top_k or ((record or {}).get("settings") or {}).get("top_k", 3))
@@ -186,7 +187,8 @@ def volume_metrics(rows: list[dict[str, Any]], cfg: RunConfig, fusion: dict, run
         by_case.setdefault(r["case"], []).append(r)
     scans = []
     for case, slices in by_case.items():
-        ranked = sorted(slices, key=lambda r: (-r["score"], r["slice_index"]))[:top_k]
+        order = rank_slices([r["score"] for r in slices], [r["slice_index"] for r in slices])
+        ranked = [slices[i] for i in order[:top_k]]
         score = float(np.mean([r["score"] for r in ranked]))
         scans.append({"case": case, "label": int(any(r["label"] for r in slices)), "scan_score": score,
                       "anomalous": None if scan_thr.value is None else bool(score > scan_thr.value),

@@ -52,7 +52,7 @@ from monai_multiad.transforms.volume import load_volume, scale_intensity, slice_
     slices_to_volume, volume_to_slices
 from monai_multiad.visualize import contact_sheet, overlay
 
-__all__ = ["ScreeningResult", "screen_volume", "screen_path", "screen_paths", "demo_screen"]
+__all__ = ["ScreeningResult", "rank_slices", "screen_volume", "screen_path", "screen_paths", "demo_screen"]
 
 #: the demo's phantoms: volume shape (X, Y, Z; the lesion's radius grows with the smallest extent: about
 #: 8 px across and 8 slices here), normal scans to train on, training iterations
@@ -141,6 +141,13 @@ def _thresholds(run: _Run, top_k: int | None, modality: str, window: Any, axis: 
     return top_k, scan, slc
 
 
+def rank_slices(scores: Sequence[float], indices: Sequence[int]) -> list[int]:
+    """Positions of the slices from the most anomalous down (ties: the lower slice index first): the
+    order of the top slices, the montage and the scan score (the mean of the first ``top_k``).
+    ``multiad evaluate`` ranks a volume's slices with it too."""
+    return sorted(range(len(indices)), key=lambda i: (-float(scores[i]), indices[i]))
+
+
 def _as_volume(volume: Any, series_uid: str | None = None) -> MetaTensor:
     if isinstance(volume, (str, Path)):
         return load_volume(volume, series_uid=series_uid)
@@ -212,7 +219,7 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
         maps[start:start + len(ks)] = amap.float().cpu()
         scores[start:start + len(ks)] = score.double().cpu()
     slice_scores = {k: float(s) for k, s in zip(kept, scores.tolist())}
-    order = sorted(range(len(kept)), key=lambda i: (-scores[i].item(), kept[i]))
+    order = rank_slices(scores.tolist(), kept)
     top = [kept[i] for i in order[:top_k]]
     scan_score = float(np.mean([slice_scores[k] for k in top]))
     shown = order[:max(top_k, 6)]
