@@ -61,6 +61,7 @@ STUDY: dict[str, dict] = {
     "nd_teacher_init": {"train": {"discriminator": False, "adversarial_weight": 0.0, "student_init": "teacher"}},
     "nd_hard": {"train": {"discriminator": False, "adversarial_weight": 0.0, "hard_mining": 0.9}},
     "nd_flips": {"train": {"discriminator": False, "adversarial_weight": 0.0, "augment_flips": True}},
+    "nd_hard99": {"train": {"discriminator": False, "adversarial_weight": 0.0, "hard_mining": 0.99}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
@@ -69,6 +70,9 @@ STUDY: dict[str, dict] = {
     "nd+stages234+quantile": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4],
                                                                "map_normalization": "quantile"}},
     "nd+stages34": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [3, 4]}},
+    "nd+zscore": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "map_normalization": "zscore"}},
+    "hard+zscore": {"from": "nd_hard", "refit": {"map_normalization": "zscore"}},
+    "hard+zscore+top1pct": {"from": "nd_hard", "refit": {"map_normalization": "zscore", "score_topk": 0.01}},
     "d+fg": {"from": "bn_fix", "refit": {"foreground": "auto"}},
     "d+top1pct": {"from": "bn_fix", "refit": {"foreground": "auto", "score_topk": 0.01}},
     "d+stages234": {"from": "bn_fix", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},

@@ -47,8 +47,9 @@ class RunConfig:
     fusion_mode: str = _opt("sum", "how stage maps are combined", choices=("sum", "product"))
     sigma: float = _opt(4.0, "Gaussian smoothing of the anomaly map (px at image_size)")
     stages: list = _opt((1, 2, 3, 4), "stages (1-4, strides 4-32) whose maps are fused into the anomaly map", nargs="+")
-    map_normalization: str = _opt("mean", "per-stage map unit fitted on normals: 'mean' (M / mean) or 'quantile' "
-                                  "((M - q0.9) / (q0.995 - q0.9), as EfficientAD)", choices=("mean", "quantile"))
+    map_normalization: str = _opt("mean", "per-stage map unit fitted on normals: 'mean' (M / mean), 'zscore' "
+                                  "((M - mean) / std) or 'quantile' ((M - q0.9) / (q0.995 - q0.9), as EfficientAD)",
+                                  choices=("mean", "zscore", "quantile"))
     score_topk: float = _opt(0.0, "image score: mean of the top fraction of map pixels (0 = the map's maximum)")
     feature_norm: bool = _opt(False, "standardise teacher features per channel with normal-image statistics")
     foreground: str = _opt("auto", "zero the map outside the body/head found in the scan; auto = on for volumes",

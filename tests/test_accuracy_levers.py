@@ -98,6 +98,25 @@ def test_fit_fusion_quantile_normalisation_matches_numpy():
     assert math.isclose(stats["threshold"], float(np.quantile(scores, 0.99)), rel_tol=1e-6)
 
 
+def test_fit_fusion_zscore_normalisation_is_the_normal_mean_and_std():
+    model = _tiny().eval()
+    images = torch.rand(4, 1, 64, 64)
+    stats = fit_fusion(model, [{"image": images[:3]}, {"image": images[3:]}], normalization="zscore")
+    with torch.no_grad():
+        maps = model.stage_maps(images).double()
+    mean, std = maps.mean(dim=(0, 2, 3)), maps.std(dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(torch.tensor(stats["stage_offset"], dtype=torch.double), mean, rtol=1e-5)
+    assert torch.allclose(torch.tensor(stats["stage_scale"], dtype=torch.double), std, rtol=1e-4)
+    # a pixel at its stage's normal mean scores 0; one standard deviation above it scores 1
+    fusion = AnomalyMapFusion(4, sigma=0)
+    fusion.set_statistics(torch.tensor(stats["stage_scale"]), 0.0, stage_offset=torch.tensor(stats["stage_offset"]))
+    level = mean.float().view(1, 4, 1, 1).expand(1, 4, 8, 8)
+    assert float(fusion.fuse_maps(level).abs().max()) < 1e-5
+    assert torch.allclose(fusion.fuse_maps(level + std.float().view(1, 4, 1, 1)), torch.ones(1, 1, 8, 8), atol=1e-4)
+    with pytest.raises(ValueError, match="zscore"):
+        fit_fusion(model, [{"image": images}], normalization="median")
+
+
 def test_foreground_mask_fills_holes_and_erodes_the_edge():
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     r = ((yy - 32) ** 2 + (xx - 32) ** 2).sqrt()

@@ -89,23 +89,27 @@ def fit_fusion(
     """Fit the fusion statistics on normal images (no anomaly labels needed).
 
     ``normalization="mean"``: per stage, the mean of ``1 - cos`` over all normal pixels becomes
-    the stage's scale. ``"quantile"``: the stage's ``quantiles[0]`` over normal pixels becomes its
+    the stage's scale. ``"zscore"``: that mean becomes the stage's offset and the standard deviation
+    over the same pixels its scale, so each stage counts in normal standard deviations above its
+    normal level. ``"quantile"``: the stage's ``quantiles[0]`` over normal pixels becomes its
     offset and the distance to ``quantiles[1]`` its scale (EfficientAD), from a regular subsample
     of at most ``max_pixels`` pixels per stage. Then the image scores of the same normals give the
     threshold (their ``threshold_quantile``), above which :func:`predict` calls an image anomalous.
     Returns the statistics as a dict.
     """
-    if normalization not in ("mean", "quantile"):
-        raise ValueError(f"normalization must be 'mean' or 'quantile', got {normalization!r}")
+    if normalization not in ("mean", "zscore", "quantile"):
+        raise ValueError(f"normalization must be 'mean', 'zscore' or 'quantile', got {normalization!r}")
     device = torch.device(device)
     network = network.to(device).eval()
-    sums, count = None, 0
+    sums, squares, count = None, None, 0
     batches, samples = [], []
     for batchdata in normal_loader:
         images = prepare_batch(batchdata, device)["image"]
         maps = network.stage_maps(images).double()
         s = maps.sum(dim=(0, 2, 3))
         sums = s if sums is None else sums + s
+        q = maps.pow(2).sum(dim=(0, 2, 3))
+        squares = q if squares is None else squares + q
         count += maps.shape[0] * maps.shape[2] * maps.shape[3]
         if normalization == "quantile":  # a regular subsample of the pixels, for the quantiles
             samples.append(maps[:, :, ::4, ::4].float().permute(1, 0, 2, 3).reshape(maps.shape[1], -1).cpu())
@@ -119,6 +123,10 @@ def fit_fusion(
             pixels = pixels[:, :: -(-pixels.shape[1] // max_pixels)]
         lo, hi = np.quantile(pixels.numpy(), quantiles, axis=1)
         offset, scale = torch.from_numpy(lo).float(), torch.from_numpy(hi - lo).float()
+    elif normalization == "zscore":
+        mean = sums / count
+        offset = mean.float()
+        scale = (squares / count - mean.pow(2)).clamp_min(0).sqrt().float()
     else:
         scale = (sums / count).float()
     network.fusion.set_statistics(scale, threshold=0.0, stage_offset=offset)

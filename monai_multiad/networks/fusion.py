@@ -65,7 +65,8 @@ class AnomalyMapFusion(nn.Module):
     Each stage map is put in one unit before the stages are combined: ``z_k = (M_k - offset_k) /
     scale_k``, both fitted on normal images (:meth:`set_statistics`). With ``normalization="mean"``
     the offset is 0 and the scale the stage's mean over normal pixels (1 is a typical normal
-    pixel); with ``"quantile"`` (EfficientAD's map normalisation) the offset is the 0.9 quantile
+    pixel); with ``"zscore"`` the offset is the stage's mean and the scale its standard deviation
+    over normal pixels; with ``"quantile"`` (EfficientAD's map normalisation) the offset is the 0.9 quantile
     of normal pixels and the scale the distance from it to the 0.995 quantile. Negative values
     are clipped to 0 (the paper's ReLU), so a masked-out background (0) never outranks tissue.
 
