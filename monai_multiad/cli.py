@@ -118,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("screen", help="screen NIfTI/DICOM volumes slice by slice",
                        description="Screen scans (NIfTI files or DICOM series folders) with a run trained "
                        "on slices: a 3D anomaly map per scan as NIfTI in the scan's geometry, per-slice scores, "
-                       "a montage PNG, and report.csv/report.json.")
-    p.add_argument("scans", nargs="+", help="NIfTI files or DICOM series folders")
-    p.add_argument("--run", required=True, help="run folder written by 'multiad train'")
+                       "a montage PNG, and report.csv/report.json/report.html. Resumable: a scan already screened "
+                       "into --out with the same model and settings (its result.json) is kept, so a job that was "
+                       "killed goes on where it stopped; --nproc N shards the scans over N processes.")
+    p.add_argument("scans", nargs="+", help="NIfTI files, DICOM series folders, folders of cases (<case>.nii.gz, "
+                   "<case>/<image>.nii.gz, <case>/<DICOM series>; label volumes left out) or list files (.txt, "
+                   ".lst, .list: one path a line, relative to the list's folder, # comments)")
+    p.add_argument("--run", "--run-folder", dest="run", required=True, help="run folder written by 'multiad train' "
+                   "(under torchrun write --run-folder: torchrun takes --run for its own --run-path)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
     p.add_argument("--modality", choices=("mri", "ct", "minmax"), help="intensity normalisation (default: the run's)")
@@ -129,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (bounds memory; default: 32)")
     p.add_argument("--top-k", type=int, help="scan score = mean of the top-k slice scores (default: the one the "
                    "run was calibrated with, else 3)")
+    p.add_argument("--rescreen", action="store_true", help="screen every scan again, also those already screened "
+                   "into --out with this model and these settings (default: keep them, say so, screen the rest)")
+    p.add_argument("--nproc", type=int, default=1, help="processes sharing the scans (one per GPU; gloo on CPU) via "
+                   "ignite.distributed; rank 0 writes the report (default: 1)")
 
     p = sub.add_parser("calibrate", help="set the run's thresholds at a false-positive rate, on normal scans or images",
                        description="Score inputs known to be normal with a trained run and set its decision "
@@ -229,14 +238,30 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
-def _screen(args: argparse.Namespace) -> int:
+def screen_inputs(args: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """``multiad screen``'s output folder (checked, absolute) and scans (absolute; folders of cases and
+    list files expanded: :func:`monai_multiad.cohort.expand_scans`), before any work. Also used by
+    ``python -m monai_multiad.distributed screen``."""
     out = check_output_dir(args.out, "output folder (--out)", inputs=tuple(args.scans))
-    from monai_multiad.screening import screen_paths
+    if args.nproc < 1:
+        raise MultiADInputError(f"--nproc must be at least 1, got {args.nproc}")
+    from monai_multiad.cohort import expand_scans
 
-    with folder_lock(out, "multiad screen"):
-        report = screen_paths(_absolute(args.run), [_absolute(p) for p in args.scans], out, device=args.device,
-                              modality=args.modality, window=args.window, series_uid=args.series,
-                              batch_size=args.batch_size, top_k=args.top_k)
+    scans = expand_scans([_absolute(p) for p in args.scans], series_uid=args.series)
+    if not scans:
+        raise MultiADInputError(f"{' '.join(args.scans)}: no scans to screen (empty list file)")
+    return out, scans
+
+
+def screen_options(args: argparse.Namespace) -> dict:
+    """``multiad screen``'s options as :func:`monai_multiad.cohort.screen_paths` takes them (and ``run``)."""
+    return {"run": _absolute(args.run), "device": args.device, "modality": args.modality, "window": args.window,
+            "series_uid": args.series, "batch_size": args.batch_size, "top_k": args.top_k,
+            "resume": not args.rescreen}
+
+
+def report_screening(args: argparse.Namespace, report: list[dict]) -> int:
+    """Print the thresholds used and a line per scan; the exit status: 1 when a scan failed."""
     failed = [r for r in report if r.get("status") != "ok"]
     if report:
         from monai_multiad.calibration import Threshold
@@ -251,6 +276,22 @@ def _screen(args: argparse.Namespace) -> int:
         print(f"{_shown(r['scan'])}: {line}")
     print(f"wrote {Path(args.out) / 'report.csv'} and {Path(args.out) / 'report.html'}")
     return 1 if failed else 0
+
+
+def _screen(args: argparse.Namespace) -> int:
+    out, scans = screen_inputs(args)
+    options = screen_options(args)
+    run = options.pop("run")
+    with folder_lock(out, "multiad screen"):
+        if args.nproc > 1:
+            from monai_multiad.distributed import screen_distributed
+
+            report = screen_distributed(run, scans, out, args.nproc, verbose=args.verbose, **options)
+        else:
+            from monai_multiad.cohort import screen_paths
+
+            report = screen_paths(run, scans, out, **options)
+    return report_screening(args, report)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -302,7 +343,7 @@ def error_exit(e: MultiADInputError | OutputWriteError) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.command in ("train", "demo"):
+    if args.command in ("train", "demo", "screen"):  # screen: the note on scans kept from an earlier run
         logging.getLogger("monai_multiad").setLevel(logging.INFO)
     if not args.verbose:  # Ignite logs an engine's exception before raising it: the one line below says it
         logging.getLogger("ignite").setLevel(logging.CRITICAL)

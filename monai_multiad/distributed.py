@@ -1,20 +1,25 @@
-"""Data-parallel training: :func:`monai_multiad.workflow.train` in several processes with
-``ignite.distributed`` (DistributedDataParallel student and discriminator, sharded training batches).
+"""Several processes with ``ignite.distributed``: data-parallel training
+(:func:`monai_multiad.workflow.train`: DistributedDataParallel student and discriminator, sharded
+training batches) and cohort screening (:func:`monai_multiad.cohort.screen_paths`: the scans sharded).
 
-Two ways to start it, with the same options as ``multiad train``:
+Two ways to start either, with the same options as ``multiad train`` / ``multiad screen``:
 
 * spawned from one process: ``multiad train DATASET --run-dir RUN --nproc N`` or
   :func:`train_distributed` (``python -m monai_multiad.distributed DATASET --run-dir RUN --nproc N``);
+  ``multiad screen SCANS --run RUN --out OUT --nproc N`` or :func:`screen_distributed`;
 * under torchrun (also several nodes)::
 
       torchrun --nproc_per_node=N -m monai_multiad.distributed DATASET --run-dir RUN [multiad train options]
+      torchrun --nproc_per_node=N -m monai_multiad.distributed screen SCANS --run RUN --out OUT [options]
 
   each process then joins the group torchrun describes in its environment (``RANK``,
   ``WORLD_SIZE``, ``MASTER_ADDR``...) through ``idist.Parallel(backend=...)``.
 
 The backend is ``nccl`` when CUDA has a GPU per process, else ``gloo`` (CPU). ``cfg.batch_size``
 is the global batch: ``idist.auto_dataloader`` gives each of the N processes ``batch_size // N``.
-Rank 0 writes the run folder and its summary is the one returned / printed.
+Rank 0 writes the run folder and its summary is the one returned / printed. Screening: each rank
+screens every N-th scan left to do, on its own GPU with nccl; rank 0 writes the one report (on several
+nodes ``--out`` must be on a file system they all see).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import socket
 import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -35,7 +40,7 @@ from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError, OutputWriteError
 from monai_multiad.io import folder_lock
 
-__all__ = ["default_backend", "train_distributed", "main"]
+__all__ = ["default_backend", "train_distributed", "screen_distributed", "main"]
 
 logger = logging.getLogger("monai_multiad")
 
@@ -59,6 +64,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _DropInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO
+
+
+def _quiet_launcher(verbose: bool) -> None:
+    """Without ``-v``, ``idist.Parallel``'s own INFO lines (group set up, spawn parameters) are not shown: a
+    filter on its logger, which ``ignite.utils.setup_logger`` resets to INFO on every start."""
+    launcher = logging.getLogger("ignite.distributed.launcher.Parallel")
+    if not verbose and not any(isinstance(f, _DropInfo) for f in launcher.filters):
+        launcher.addFilter(_DropInfo())
+
+
 def _setup_rank(verbose: bool = False) -> None:
     """Per-process logging (rank 0 logs the epochs) and CPU threads shared among local processes."""
     rank0 = idist.get_rank() == 0
@@ -75,13 +93,44 @@ def _worker(
     from monai_multiad.workflow import train
 
     _setup_rank(verbose)
-    try:
+    with _reported(error_file):
         summary = train(RunConfig.from_dict(cfg), run_dir, resume=resume)
-    except MultiADInputError as e:
-        Path(error_file).write_text(str(e))
-        raise
     if idist.get_rank() == 0:
         Path(summary_file).write_text(json.dumps(summary))
+
+
+@contextmanager
+def _reported(error_file: str):
+    """A rank's input error (or unwritable output) is written where the parent reads it, then raised."""
+    try:
+        yield
+    except (MultiADInputError, OutputWriteError) as e:
+        kind = "output" if isinstance(e, OutputWriteError) else "input"
+        Path(error_file).write_text(json.dumps({"kind": kind, "message": e.strerror if kind == "output" else str(e),
+                                                "errno": getattr(e, "errno", None)}))
+        raise
+
+
+def _spawn(worker, nproc: int, backend: str | None, device: str, args: tuple, error_file: Path, what: str,
+           verbose: bool = False) -> None:
+    """Run ``worker(local_rank, *args)`` in ``nproc`` processes of one ``backend`` group; a rank's input
+    error comes back as the :class:`MultiADInputError` (or :class:`OutputWriteError`) it raised."""
+    backend = backend or default_backend(nproc, device)
+    if backend not in idist.available_backends():
+        raise MultiADInputError(f"backend {backend!r} is not available here: {', '.join(idist.available_backends())}")
+    if backend == "nccl" and torch.cuda.device_count() < nproc:
+        raise MultiADInputError(f"{nproc} processes with nccl need {nproc} GPUs, found {torch.cuda.device_count()}")
+    _quiet_launcher(verbose)
+    try:
+        with idist.Parallel(backend=backend, nproc_per_node=nproc, master_port=_free_port()) as parallel:
+            parallel.run(worker, *args)
+    except Exception as e:
+        if error_file.is_file():
+            error = json.loads(error_file.read_text())
+            if error["kind"] == "output":
+                raise OutputWriteError(error["errno"], error["message"]) from None
+            raise MultiADInputError(error["message"]) from None
+        raise RuntimeError(f"distributed {what} failed ({type(e).__name__}): {e}") from e
 
 
 def train_distributed(
@@ -114,43 +163,115 @@ def train_distributed(
         from monai_multiad.workflow import train
 
         return train(cfg, run_dir, resume=resume)
-    backend = backend or default_backend(nproc, cfg.device)
-    if backend not in idist.available_backends():
-        raise MultiADInputError(f"backend {backend!r} is not available here: {', '.join(idist.available_backends())}")
-    if backend == "nccl" and torch.cuda.device_count() < nproc:
-        raise MultiADInputError(f"{nproc} processes with nccl need {nproc} GPUs, found {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory(prefix="multiad_ddp_") as tmp:
-        summary_file, error_file = Path(tmp) / "summary.json", Path(tmp) / "error.txt"
+        summary_file, error_file = Path(tmp) / "summary.json", Path(tmp) / "error.json"
         args = (cfg.to_dict(), str(run_dir), None if resume is None else str(resume), str(summary_file),
                 str(error_file), verbose)
-        try:
-            with idist.Parallel(backend=backend, nproc_per_node=nproc, master_port=_free_port()) as parallel:
-                parallel.run(_worker, *args)
-        except Exception as e:
-            if error_file.is_file():
-                raise MultiADInputError(error_file.read_text()) from None
-            raise RuntimeError(f"distributed training failed ({type(e).__name__}): {e}") from e
+        _spawn(_worker, nproc, backend, cfg.device, args, error_file, "training", verbose)
         if not summary_file.is_file():
             raise RuntimeError("distributed training ended without rank 0's summary")
         return json.loads(summary_file.read_text())
+
+
+def _rank_device(options: dict) -> dict:
+    """Screening options for this rank: with nccl, its own GPU (unless a device was named)."""
+    if idist.backend() == "nccl" and options.get("device", "auto") in ("auto", "cuda", None):
+        return {**options, "device": str(idist.device())}
+    return options
+
+
+def _screen_worker(local_rank: int, run: str, scans: list[str], out_dir: str, options: dict, rows_file: str,
+                   error_file: str, verbose: bool) -> None:
+    """One spawned process: screen this rank's share; rank 0 writes the rows where the parent reads them."""
+    from monai_multiad.cohort import screen_paths
+
+    _setup_rank(verbose)
+    with _reported(error_file):
+        rows = screen_paths(run, scans, out_dir, **_rank_device(options))
+    if idist.get_rank() == 0:
+        Path(rows_file).write_text(json.dumps(rows))
+
+
+def screen_distributed(run: str | Path, scans: list[str | Path], out_dir: str | Path, nproc: int,
+                       backend: str | None = None, verbose: bool = False, **options) -> list[dict]:
+    """Screen ``scans`` with ``nproc`` spawned processes (``idist.Parallel(backend, nproc_per_node=nproc)``),
+    each taking every ``nproc``-th scan left to do; rank 0 writes ``report.csv``/``report.json``/``report.html``
+    as one process would (:func:`monai_multiad.cohort.screen_paths`, which gets ``options``: device,
+    modality, window, series_uid, batch_size, top_k, resume, progress...). ``nproc`` 1 screens in this
+    process. Returns the report's rows."""
+    from monai_multiad.cohort import screen_paths
+
+    if nproc < 1:
+        raise MultiADInputError(f"nproc must be at least 1, got {nproc}")
+    if nproc == 1 and backend is None:
+        return screen_paths(run, scans, out_dir, **options)
+    with tempfile.TemporaryDirectory(prefix="multiad_screen_") as tmp:
+        rows_file, error_file = Path(tmp) / "rows.json", Path(tmp) / "error.json"
+        args = (str(run), [str(s) for s in scans], str(out_dir), options, str(rows_file), str(error_file), verbose)
+        _spawn(_screen_worker, nproc, backend, options.get("device") or "auto", args, error_file, "screening",
+               verbose)
+        if not rows_file.is_file():
+            raise RuntimeError("distributed screening ended without rank 0's report")
+        return json.loads(rows_file.read_text())
 
 
 def _launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def _screen_main(args) -> int:
+    """``python -m monai_multiad.distributed screen ...``: under torchrun this process screens its share
+    (rank 0 holds the output folder and writes the report); otherwise as ``multiad screen --nproc N``."""
+    from monai_multiad.cli import report_screening, screen_inputs, screen_options
+    from monai_multiad.cohort import screen_paths
+
+    out, scans = screen_inputs(args)  # checked and resolved once per process, before any screening
+    options = screen_options(args)
+    if not _launched_by_torchrun():
+        with folder_lock(out, "multiad screen"):
+            report = screen_distributed(options.pop("run"), scans, out, max(args.nproc, 1), verbose=args.verbose,
+                                        **options)
+        return report_screening(args, report)
+    if args.nproc > 1:
+        raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    lock = folder_lock(out, "multiad screen (torchrun)") if os.environ["RANK"] == "0" else nullcontext()
+    _quiet_launcher(args.verbose)
+    with lock, idist.Parallel(backend=default_backend(local_world, args.device)):
+        _setup_rank(args.verbose)
+        options = _rank_device(options)
+        report = screen_paths(options.pop("run"), scans, out, **options)
+        rank0 = idist.get_rank() == 0
+    failed = sum(r.get("status") != "ok" for r in report)
+    if rank0:
+        report_screening(args, report)
+        if failed:  # exit status 0 all the same: torchrun takes any other for a crash and prints a traceback
+            print(f"multiad: {failed} of {len(report)} scans failed (FAILED above, and in the report)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m monai_multiad.distributed`` takes ``multiad train``'s arguments (the CLI's own
-    parser, so the two cannot drift). Under torchrun each process joins the group from the
-    environment; otherwise ``--nproc N`` spawns N processes like ``multiad train --nproc N``."""
+    """``python -m monai_multiad.distributed`` takes ``multiad train``'s arguments, or ``screen`` and
+    ``multiad screen``'s (the CLI's own parser, so they cannot drift). Under torchrun each process joins
+    the group from the environment; otherwise ``--nproc N`` spawns N processes like ``multiad train
+    --nproc N`` (``multiad screen --nproc N``)."""
     from monai_multiad.cli import build_parser, error_exit, train_inputs
 
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = [a for a in argv if a in ("-v", "--verbose")]  # `multiad -v train ...`'s flag, accepted anywhere
+    rest = [a for a in argv if a not in verbose]
+    command = "screen" if rest[:1] == ["screen"] else "train"
     parser = build_parser()
     parser.prog = "python -m monai_multiad.distributed"
-    args = parser.parse_args([*verbose[:1], "train", *(a for a in argv if a not in verbose)])
+    args = parser.parse_args([*verbose[:1], command, *rest[1:]] if command == "screen" else
+                             [*verbose[:1], "train", *rest])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if command == "screen":
+        logger.setLevel(logging.INFO)  # the resume note, as `multiad screen` shows it
+        try:
+            return _screen_main(args)
+        except (MultiADInputError, OutputWriteError) as e:
+            return error_exit(e)
     try:
         cfg, run_dir, resume = train_inputs(args)  # checked and resolved once, before any process starts
         if _launched_by_torchrun():
@@ -159,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
             # rank 0 holds the run folder for the group (the other ranks do not write there)
             lock = folder_lock(run_dir, "multiad train (torchrun)") if os.environ["RANK"] == "0" else nullcontext()
+            _quiet_launcher(args.verbose)
             with lock, idist.Parallel(backend=default_backend(local_world, cfg.device)):
                 _setup_rank(args.verbose)
                 from monai_multiad.workflow import train

@@ -46,7 +46,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from monai_multiad.data.volumes import FG_THRESHOLD, MIN_FOREGROUND, intensity_kwargs
-from monai_multiad.errors import MultiADInputError, OutputWriteError, input_error
+from monai_multiad.errors import MultiADInputError, input_error
 from monai_multiad.io import atomic_path, display_path, write_json, write_png, write_text
 from monai_multiad.transforms.volume import load_volume, scale_intensity, slice_foreground, slice_info, \
     slices_to_volume, volume_to_slices
@@ -300,14 +300,16 @@ def scan_name(path: str | Path) -> str:
 
 
 def screen_path(model_or_run: Any, path: str | Path, out_dir: str | Path, *, name: str | None = None,
-                series_uid: str | None = None, **kwargs) -> dict:
+                series_uid: str | None = None, screened_with: dict | None = None, **kwargs) -> dict:
     """Screen one scan file or DICOM folder and write ``out_dir/<scan name>/``: ``anomaly_map.nii.gz``
     (the scan's shape and affine), ``slice_scores.csv``, ``montage.png`` (the most anomalous slices,
     map overlaid, radiological display) and ``result.json``, each written atomically; for a DICOM
     series also ``anomaly_map.dcm`` (and ``anomalous_region.seg.dcm`` when flagged), see :func:`_write_dicom`.
 
-    ``kwargs`` go to :func:`screen_volume` (modality, window, axis, image_size, batch_size, top_k,
-    threshold, device, progress). Returns the report row (see :data:`REPORT_FIELDS`); errors raise.
+    ``result.json``, written last, holds the report row and ``screened_with`` (what screened the scan:
+    :mod:`monai_multiad.cohort` keeps a scan whose record matches on a rerun). ``kwargs`` go to
+    :func:`screen_volume` (modality, window, axis, image_size, batch_size, top_k, threshold, device,
+    progress). Returns the report row (see :data:`REPORT_FIELDS`); errors raise.
     """
     t0 = time.perf_counter()
     run = _load_run(model_or_run, kwargs.pop("device", None))
@@ -335,7 +337,8 @@ def screen_path(model_or_run: Any, path: str | Path, out_dir: str | Path, *, nam
     row.update(dicom)
     write_json(files["result"], {**row, **res.info, "affine": res.anomaly_map.affine.tolist(),
                                  "format": res.anomaly_map.meta.get("format"),
-                                 "files": {k: str(v) for k, v in files.items()}})
+                                 "files": {k: str(v) for k, v in files.items()},
+                                 **({"screened_with": screened_with} if screened_with is not None else {})})
     return row
 
 
@@ -364,49 +367,13 @@ def _unique_names(scans: Sequence[str | Path]) -> list[str]:
     return out
 
 
-def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
-                 modality: str | None = None, window: Any = None, series_uid: str | None = None,
-                 batch_size: int = 32, top_k: int | None = None, progress: bool = True, **kwargs) -> list[dict]:
-    """Screen several scans with one run (loaded once): one output folder per scan, and
-    ``out_dir/report.csv`` + ``report.json`` with one row per scan, and ``report.html`` to open
-    (:mod:`monai_multiad.report_html`). A scan that cannot be read or
-    screened gets ``status "failed"`` and its ``error``; the others go on. Returns the rows."""
-    from tqdm.auto import tqdm
+def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, **kwargs) -> list[dict]:
+    """Screen several scans with one run: one output folder per scan, ``report.csv``, ``report.json`` and
+    ``report.html``; resumable, and sharded in an ``ignite.distributed`` group. See
+    :func:`monai_multiad.cohort.screen_paths`, which this calls."""
+    from monai_multiad.cohort import screen_paths as screen_cohort
 
-    out_dir = Path(out_dir).absolute()  # the report names files that are found from anywhere
-    loaded = _load_run(run, device)
-    rows: list[dict] = []
-    scans = list(scans)
-    names = _unique_names(scans)
-    _, scan_thr, slice_thr = _thresholds(loaded, top_k, (modality or loaded.modality).lower(),
-                                         window if window not in (None, "") else loaded.window,
-                                         kwargs.get("axis") or loaded.axis,
-                                         int(kwargs.get("image_size") or loaded.image_size), kwargs.get("threshold"))
-    failed_thresholds = {"threshold": scan_thr.value, "threshold_source": scan_thr.description,
-                         "slice_threshold": slice_thr.value, "slice_threshold_source": slice_thr.description}
-    bar = tqdm(list(zip(scans, names)), desc="screening", unit="scan", disable=None if progress else True)
-    for scan, name in bar:
-        bar.set_postfix_str(name)
-        t0 = time.perf_counter()
-        try:
-            row = screen_path(loaded, scan, out_dir, name=name, series_uid=series_uid, modality=modality,
-                              window=window, batch_size=batch_size, top_k=top_k, **kwargs)
-        except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
-            if isinstance(e, OutputWriteError):
-                msg = e.strerror  # names the file that could not be written
-            else:
-                msg = str(e) if isinstance(e, MultiADInputError) else f"{type(e).__name__}: {e}"
-            row = {"scan": str(scan), "name": name, "status": "failed", "scan_score": None, "anomalous": None,
-                   "num_slices": None, "screened_slices": None, "top_slices": [],
-                   "map": "", "seconds": round(time.perf_counter() - t0, 3),
-                   "error": msg.splitlines()[0] if msg else "", **failed_thresholds}
-        rows.append(row)
-    _write_report(out_dir, rows)
-    from monai_multiad.report_html import write_report_html  # report.html: the page to open, after csv/json
-
-    write_report_html(out_dir, rows, run if isinstance(run, (str, Path)) else None,
-                      threshold_given=kwargs.get("threshold") is not None)
-    return rows
+    return screen_cohort(run, scans, out_dir, **kwargs)
 
 
 def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STEPS, top_k: int = 3) -> dict:

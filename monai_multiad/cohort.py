@@ -1,0 +1,237 @@
+"""Screening a cohort: many scans with one run, resumable, and sharded over processes.
+
+:func:`screen_paths` screens a list of scans (:func:`expand_scans` turns folders of cases and list
+files into one), writes one output folder per scan (:func:`~monai_multiad.screening.screen_path`) and
+``report.csv`` / ``report.json`` / ``report.html`` with one row per scan, in the list's order.
+
+* **Resumable.** A scan's ``result.json`` is written last, atomically, once its other outputs are in
+  place, and records what screened it (``screened_with``: the SHA-256 of the run's ``model.pt``, the
+  settings and thresholds, the scan's path, size and modification time). A rerun into the same
+  folder keeps a scan whose ``result.json`` says the same and whose files are all there (its report
+  row is rebuilt from that record) and screens the others, so a killed job resumes where it was. A
+  scan screened with another model, other settings or thresholds, or changed since, is screened
+  again, and so is one that failed. Before a scan is (re)screened its old ``result.json`` is removed,
+  so a record never vouches for outputs it did not see written.
+* **Sharded.** Under ``ignite.distributed`` (``multiad screen --nproc N``, or torchrun: see
+  :mod:`monai_multiad.distributed`) every process finds the same scans left to do and screens every
+  N-th of them (rank r: the r-th, (r+N)-th, ...); the rows are gathered and rank 0 writes the one
+  report, the same, row for row and in the same order, as one process writes. The output folder must
+  be one that every process sees (on several nodes, a shared file system).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import ignite.distributed as idist
+import torch
+from torch import nn
+
+from monai_multiad import screening
+from monai_multiad.errors import MultiADInputError, OutputWriteError, input_error
+from monai_multiad.io import display_path
+
+__all__ = ["LIST_SUFFIXES", "expand_scans", "model_identity", "screen_paths"]
+
+logger = logging.getLogger("monai_multiad")
+
+#: a file argument with one of these suffixes is a list of scans, one path a line
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+#: a scan's report row, in this order (see :data:`monai_multiad.screening.REPORT_FIELDS`)
+ROW_KEYS = ("scan", "name", "status", "scan_score", "anomalous", "threshold", "num_slices", "screened_slices",
+            "top_slices", "map", "seconds", "error", "threshold_source", "slice_threshold", "slice_threshold_source",
+            "dicom_map", "dicom_seg", "dicom_note")
+
+
+# ----------------------------------------------------------------------------- which scans
+def _read_list(path: Path) -> list[Path]:
+    """The scans a list file names: one path a line; blank lines and ``#`` comments skipped; a relative
+    path is relative to the list file's folder."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise input_error(path, f"cannot read this list of scans ({type(e).__name__}: {e})") from None
+    entries = [line.strip() for line in text.splitlines()]
+    return [Path(os.path.abspath(path.parent / Path(e).expanduser())) for e in entries if e and not e.startswith("#")]
+
+
+def _expand_folder(folder: Path) -> list[Path]:
+    """A DICOM series folder is one scan; a folder of cases (``<case>.nii.gz``, ``<case>/<image>.nii.gz``,
+    ``<case>/<DICOM series>``; label volumes left out, as in training: :func:`~monai_multiad.data.volumes.
+    find_cases`) is its cases, sorted by name; anything else stays one scan, reported if it cannot be read."""
+    from monai_multiad.data.volumes import _any_dicom, find_cases
+
+    if _any_dicom(sorted(p for p in folder.iterdir() if p.is_file())):
+        return [folder]
+    cases = find_cases(folder)
+    return [c.image for c in cases] or [folder]
+
+
+def expand_scans(items: Sequence[str | Path], series_uid: str | None = None) -> list[Path]:
+    """The scans to screen, in order: NIfTI files and DICOM series folders as given; a folder of cases
+    expanded to its cases (:func:`_expand_folder`; not with ``series_uid``, which picks one series from a
+    folder); a list file (:data:`LIST_SUFFIXES`) to the scans it names, each expanded in turn. A path
+    that does not exist stays in the list and is reported as a failed scan."""
+    out: list[Path] = []
+    for item in map(Path, items):
+        if item.is_file() and item.suffix.lower() in LIST_SUFFIXES:
+            for entry in _read_list(item):
+                out += _expand_folder(entry) if entry.is_dir() and series_uid is None else [entry]
+        elif item.is_dir() and series_uid is None:
+            out += _expand_folder(item)
+        else:
+            out.append(item)
+    return out
+
+
+# ----------------------------------------------------------------------------- what screened a scan
+def model_identity(run: Any) -> str:
+    """SHA-256 of a run's ``model.pt`` (``run``: the run folder or the file), or of a network's weights."""
+    if isinstance(run, (str, Path)):
+        from monai_multiad.calibration import model_sha256
+
+        digest = model_sha256(run)
+        if digest is not None:
+            return digest
+        raise input_error(run, "no model.pt here (expected a run folder written by 'multiad train')")
+    model = run.model if isinstance(run, screening._Run) else run
+    h = hashlib.sha256()
+    if isinstance(model, nn.Module):
+        for name, value in model.state_dict().items():
+            h.update(name.encode())
+            h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _scan_stamp(path: Path) -> dict:
+    """Size and modification time of a scan file (of every file below a DICOM folder): a changed scan
+    is screened again."""
+    try:
+        if path.is_dir():
+            stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+            return {"files": len(stats), "bytes": sum(s.st_size for s in stats),
+                    "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+        s = path.stat()
+        return {"bytes": s.st_size, "mtime_ns": s.st_mtime_ns}
+    except OSError:
+        return {}
+
+
+def _as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), so that records compare equal."""
+    from monai_multiad.io import _jsonable
+
+    return json.loads(json.dumps(obj, default=_jsonable))
+
+
+def finished_row(folder: Path, screened_with: dict) -> dict | None:
+    """The report row of a scan already screened into ``folder`` as ``screened_with`` says, rebuilt from
+    its ``result.json``; ``None`` when it has to be screened (no record, another model or settings, a
+    failed scan, a file missing)."""
+    try:
+        record = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "ok" or record.get("screened_with") != screened_with:
+        return None
+    files = [*(record.get("files") or {}).values(), record.get("dicom_map"), record.get("dicom_seg")]
+    if not all(Path(f).is_file() for f in files if f):
+        return None
+    return {k: record[k] for k in ROW_KEYS if k in record}
+
+
+# ----------------------------------------------------------------------------- screening them
+def _screen_one(run: screening._Run, scan: Path, out_dir: Path, name: str, screened_with: dict,
+                failed_thresholds: dict, **kwargs) -> dict:
+    t0 = time.perf_counter()
+    try:
+        folder = out_dir / name
+        if folder.is_dir():  # what an earlier, killed screening of this scan left
+            (folder / "result.json").unlink(missing_ok=True)  # the old record vouches for nothing now
+            for temporary in folder.glob(".*"):  # half-written files (monai_multiad.io.atomic_path's names)
+                if temporary.is_file():
+                    temporary.unlink()
+        return screening.screen_path(run, scan, out_dir, name=name, screened_with=screened_with, **kwargs)
+    except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
+        if isinstance(e, OutputWriteError):
+            msg = e.strerror  # names the file that could not be written
+        else:
+            msg = str(e) if isinstance(e, MultiADInputError) else f"{type(e).__name__}: {e}"
+        return {"scan": str(scan), "name": name, "status": "failed", "scan_score": None, "anomalous": None,
+                "num_slices": None, "screened_slices": None, "top_slices": [],
+                "map": "", "seconds": round(time.perf_counter() - t0, 3),
+                "error": msg.splitlines()[0] if msg else "", **failed_thresholds}
+
+
+def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
+                 modality: str | None = None, window: Any = None, series_uid: str | None = None,
+                 batch_size: int = 32, top_k: int | None = None, progress: bool = True, resume: bool = True,
+                 **kwargs) -> list[dict]:
+    """Screen several scans with one run (loaded once): one output folder per scan, and
+    ``out_dir/report.csv`` + ``report.json`` with one row per scan in the order of ``scans``, and
+    ``report.html`` to open (:mod:`monai_multiad.report_html`). A scan that cannot be read or screened
+    gets ``status "failed"`` and its ``error``; the others go on.
+
+    ``resume``: keep the scans already screened into ``out_dir`` with this model, these settings and
+    thresholds (see the module docstring); ``False`` screens every scan again. ``progress``: a bar with
+    the time left on stderr (rank 0; not when stderr is not a terminal). In an ``ignite.distributed``
+    group every rank calls this with the same arguments and screens its share; rank 0 writes the report.
+    Every rank returns all the rows. ``kwargs`` go to :func:`~monai_multiad.screening.screen_path`
+    (axis, image_size, threshold)."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir).absolute()  # the report names files that are found from anywhere
+    loaded = screening._load_run(run, device)
+    scans = [Path(s) for s in scans]
+    names = screening._unique_names(scans)
+    modality = (modality or loaded.modality).lower()
+    window = window if window not in (None, "") else loaded.window
+    axis, size = kwargs.get("axis") or loaded.axis, int(kwargs.get("image_size") or loaded.image_size)
+    top_k, scan_thr, slice_thr = screening._thresholds(loaded, top_k, modality, window, axis, size,
+                                                       kwargs.get("threshold"))
+    failed_thresholds = {"threshold": scan_thr.value, "threshold_source": scan_thr.description,
+                         "slice_threshold": slice_thr.value, "slice_threshold_source": slice_thr.description}
+    settings = _as_json({"model_sha256": model_identity(run if isinstance(run, (str, Path)) else loaded),
+                         "modality": modality, "window": window, "slice_axis": axis, "image_size": size,
+                         "top_k": top_k, "series_uid": series_uid, **failed_thresholds})
+    records = [{**settings, "scan": str(s), "scan_file": _scan_stamp(s)} for s in scans]
+    rank, world = idist.get_rank(), idist.get_world_size()
+    rows: dict[int, dict] = {}
+    if resume:
+        for i, (name, record) in enumerate(zip(names, records)):
+            row = finished_row(out_dir / name, record)
+            if row is not None:
+                rows[i] = row
+    todo = [i for i in range(len(scans)) if i not in rows]
+    if world > 1:
+        idist.barrier()  # every rank has seen what was finished before any rank writes
+    if rows and rank == 0:
+        logger.info("%s: %d of %d scans were already screened there with this model and these settings: kept "
+                    "(their result.json; --rescreen screens them again); screening the other %d",
+                    display_path(out_dir), len(rows), len(scans), len(todo))
+    mine = todo[rank::world]
+    desc = "screening" if world == 1 else f"screening (rank 0: {len(mine)} of {len(todo)})"
+    bar = tqdm(mine, desc=desc, unit="scan", disable=None if progress and rank == 0 else True)
+    screened: dict[int, dict] = {}
+    for i in bar:
+        bar.set_postfix_str(names[i])
+        screened[i] = _screen_one(loaded, scans[i], out_dir, names[i], records[i], failed_thresholds,
+                                  series_uid=series_uid, modality=modality, window=window, batch_size=batch_size,
+                                  top_k=top_k, **kwargs)
+    bar.close()
+    for part in (idist.all_gather(screened) if world > 1 else [screened]):
+        rows.update(part)
+    ordered = [rows[i] for i in range(len(scans))]
+    if rank == 0:
+        screening._write_report(out_dir, ordered)
+        from monai_multiad.report_html import write_report_html  # report.html: the page to open, after csv/json
+
+        write_report_html(out_dir, ordered, run if isinstance(run, (str, Path)) else None,
+                          threshold_given=kwargs.get("threshold") is not None)
+    return ordered
