@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
     p.add_argument("--modality", choices=("mri", "ct", "minmax"), help="intensity normalisation (default: the run's)")
     p.add_argument("--window", help="CT window: a preset name or 'level,width' in HU (default: the run's)")
-    p.add_argument("--series", help="SeriesInstanceUID to read when a folder holds several series")
+    p.add_argument("--series", help="SeriesInstanceUID to read when a folder holds several series (folders are "
+                   "then read as one series each, not as folders of cases)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (bounds memory; default: 32)")
     p.add_argument("--top-k", type=int, help="scan score = mean of the top-k slice scores (default: the one the "
                    "run was calibrated with, else 3)")
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "into --out with this model and these settings (default: keep them, say so, screen the rest)")
     p.add_argument("--nproc", type=int, default=1, help="processes sharing the scans (one per GPU; gloo on CPU) via "
                    "ignite.distributed; rank 0 writes the report (default: 1)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading the next scans while one is "
+                   "screened, with a thread writing the outputs meanwhile (per --nproc process; default: 0, all in "
+                   "turn)")
+    p.add_argument("--map-format", choices=("nii.gz", "nii"), default="nii.gz", help="anomaly map file: gzip NIfTI "
+                   "at the fastest level, read by every viewer, or uncompressed NIfTI, larger and quicker to write "
+                   "(default: nii.gz)")
 
     p = sub.add_parser("calibrate", help="set the run's thresholds at a false-positive rate, on normal scans or images",
                        description="Score inputs known to be normal with a trained run and set its decision "
@@ -243,8 +250,9 @@ def screen_inputs(args: argparse.Namespace) -> tuple[Path, list[Path]]:
     list files expanded: :func:`monai_multiad.cohort.expand_scans`), before any work. Also used by
     ``python -m monai_multiad.distributed screen``."""
     out = check_output_dir(args.out, "output folder (--out)", inputs=tuple(args.scans))
-    if args.nproc < 1:
-        raise MultiADInputError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc < 1 or args.workers < 0:
+        raise MultiADInputError(f"--nproc must be at least 1 and --workers at least 0, got {args.nproc} and "
+                                f"{args.workers}")
     from monai_multiad.cohort import expand_scans
 
     scans = expand_scans([_absolute(p) for p in args.scans], series_uid=args.series)
@@ -257,7 +265,7 @@ def screen_options(args: argparse.Namespace) -> dict:
     """``multiad screen``'s options as :func:`monai_multiad.cohort.screen_paths` takes them (and ``run``)."""
     return {"run": _absolute(args.run), "device": args.device, "modality": args.modality, "window": args.window,
             "series_uid": args.series, "batch_size": args.batch_size, "top_k": args.top_k,
-            "resume": not args.rescreen}
+            "resume": not args.rescreen, "workers": args.workers, "map_format": args.map_format}
 
 
 def report_screening(args: argparse.Namespace, report: list[dict]) -> int:

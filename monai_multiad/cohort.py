@@ -147,32 +147,132 @@ def finished_row(folder: Path, screened_with: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- screening them
-def _screen_one(run: screening._Run, scan: Path, out_dir: Path, name: str, screened_with: dict,
-                failed_thresholds: dict, **kwargs) -> dict:
-    t0 = time.perf_counter()
-    try:
-        folder = out_dir / name
-        if folder.is_dir():  # what an earlier, killed screening of this scan left
-            (folder / "result.json").unlink(missing_ok=True)  # the old record vouches for nothing now
-            for temporary in folder.glob(".*"):  # half-written files (monai_multiad.io.atomic_path's names)
-                if temporary.is_file():
-                    temporary.unlink()
-        return screening.screen_path(run, scan, out_dir, name=name, screened_with=screened_with, **kwargs)
-    except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
-        if isinstance(e, OutputWriteError):
-            msg = e.strerror  # names the file that could not be written
-        else:
-            msg = str(e) if isinstance(e, MultiADInputError) else f"{type(e).__name__}: {e}"
-        return {"scan": str(scan), "name": name, "status": "failed", "scan_score": None, "anomalous": None,
-                "num_slices": None, "screened_slices": None, "top_slices": [],
-                "map": "", "seconds": round(time.perf_counter() - t0, 3),
-                "error": msg.splitlines()[0] if msg else "", **failed_thresholds}
+def _message(e: BaseException) -> str:
+    """A failed scan's ``error``: one line, naming the file where the error does."""
+    if isinstance(e, OutputWriteError):
+        msg = e.strerror or str(e)  # names the file that could not be written
+    else:
+        msg = str(e) if isinstance(e, MultiADInputError) else f"{type(e).__name__}: {e}"
+    return msg.splitlines()[0] if msg else ""
+
+
+def _clear(folder: Path, map_format: str) -> None:
+    """Before a scan is (re)screened: its old ``result.json`` vouches for nothing now, and the half-written
+    files (:func:`monai_multiad.io.atomic_path`'s hidden names) of a screening that was killed go, and so
+    does a map of the other format (an earlier screening's, which would not be replaced)."""
+    if folder.is_dir():
+        (folder / "result.json").unlink(missing_ok=True)
+        for other in screening.MAP_FORMATS:
+            if other != map_format:
+                (folder / f"anomaly_map.{other}").unlink(missing_ok=True)
+        for temporary in folder.glob(".*"):
+            if temporary.is_file():
+                temporary.unlink()
+
+
+class _ScanReader(torch.utils.data.Dataset):
+    """Scans read in DataLoader worker processes: ``(volume, "")``, or ``(None, error)`` for one that
+    cannot be read (the error :func:`_message` gives, so the report says what one process says)."""
+
+    def __init__(self, scans: Sequence[Path], series_uid: str | None) -> None:
+        self.scans, self.series_uid = list(scans), series_uid
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def __getitem__(self, i: int):
+        from monai_multiad.transforms.volume import load_volume
+
+        try:
+            return load_volume(self.scans[i], series_uid=self.series_uid), ""
+        except Exception as e:  # noqa: BLE001 - reported as the scan's failure
+            return None, _message(e) or type(e).__name__
+
+
+def _as_is(item):
+    return item
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _screen_share(run: screening._Run, scans: list[Path], names: list[str], records: list[dict], mine: list[int],
+                  out_dir: Path, failed: dict, bar, workers: int, map_format: str, **options) -> dict[int, dict]:
+    """Rows of the scans ``mine`` (indices), screened in order. ``workers`` 0: each read, screened and
+    written in turn. Otherwise the next scans are read in ``workers`` DataLoader processes while this one
+    is screened, and a writer thread writes each scan's outputs while the next is screened (one write
+    at a time: memory holds at most two scans' results)."""
+    rows: dict[int, dict] = {}
+
+    def failed_row(i: int, t0: float, e: BaseException) -> dict:
+        return {"scan": str(scans[i]), "name": names[i], "status": "failed", "scan_score": None, "anomalous": None,
+                "num_slices": None, "screened_slices": None, "top_slices": [], "map": "",
+                "seconds": round(time.perf_counter() - t0, 3), "error": _message(e), **failed}
+
+    def done(i: int, row: dict) -> None:
+        rows[i] = row
+        bar.update(1)
+
+    series_uid = options.get("series_uid")
+    if workers < 1:
+        for i in mine:
+            bar.set_postfix_str(names[i])
+            t0 = time.perf_counter()
+            try:
+                _clear(out_dir / names[i], map_format)
+                row = screening.screen_path(run, scans[i], out_dir, name=names[i], screened_with=records[i],
+                                            map_format=map_format, **options)
+            except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
+                row = failed_row(i, t0, e)
+            done(i, row)
+        return rows
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_ScanReader([scans[i] for i in mine], series_uid), batch_size=None, num_workers=workers,
+                        collate_fn=_as_is, prefetch_factor=1, worker_init_fn=_one_thread)
+    options = {k: v for k, v in options.items() if k != "series_uid"}
+    pending = None  # (index, start, future) of the write in progress
+
+    def settle() -> None:
+        i, t0, future = pending
+        try:
+            row = future.result()
+        except Exception as e:  # noqa: BLE001 - an output that could not be written fails this scan only
+            row = failed_row(i, t0, e)
+        done(i, row)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="multiad-writer") as writer:
+        for i, (volume, error) in zip(mine, loader):
+            bar.set_postfix_str(names[i])
+            t0 = time.perf_counter()
+            try:
+                _clear(out_dir / names[i], map_format)
+                if error:
+                    raise MultiADInputError(error)
+                result = screening.screen_volume(run, volume, series_uid=series_uid, **options)
+            except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
+                done(i, failed_row(i, t0, e))
+                continue
+            finally:
+                del volume
+            if pending is not None:
+                settle()
+            pending = (i, t0, writer.submit(screening.write_outputs, result, scans[i], out_dir / names[i],
+                                            series_uid=series_uid, screened_with=records[i], map_format=map_format,
+                                            started=t0))
+            del result
+        if pending is not None:
+            settle()
+    return rows
 
 
 def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
                  modality: str | None = None, window: Any = None, series_uid: str | None = None,
                  batch_size: int = 32, top_k: int | None = None, progress: bool = True, resume: bool = True,
-                 **kwargs) -> list[dict]:
+                 workers: int = 0, map_format: str = "nii.gz", **kwargs) -> list[dict]:
     """Screen several scans with one run (loaded once): one output folder per scan, and
     ``out_dir/report.csv`` + ``report.json`` with one row per scan in the order of ``scans``, and
     ``report.html`` to open (:mod:`monai_multiad.report_html`). A scan that cannot be read or screened
@@ -180,12 +280,19 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
 
     ``resume``: keep the scans already screened into ``out_dir`` with this model, these settings and
     thresholds (see the module docstring); ``False`` screens every scan again. ``progress``: a bar with
-    the time left on stderr (rank 0; not when stderr is not a terminal). In an ``ignite.distributed``
-    group every rank calls this with the same arguments and screens its share; rank 0 writes the report.
-    Every rank returns all the rows. ``kwargs`` go to :func:`~monai_multiad.screening.screen_path`
-    (axis, image_size, threshold)."""
+    the time left on stderr (rank 0; not when stderr is not a terminal). ``workers``: DataLoader
+    processes reading the next scans while one is screened, and a thread writing outputs meanwhile (0:
+    all in turn, in this process). ``map_format``: ``"nii.gz"`` or ``"nii"``
+    (:data:`~monai_multiad.screening.MAP_FORMATS`). In an ``ignite.distributed`` group every rank calls
+    this with the same arguments and screens its share; rank 0 writes the report. Every rank returns
+    all the rows. ``kwargs`` go to :func:`~monai_multiad.screening.screen_volume` (axis, image_size,
+    threshold)."""
     from tqdm.auto import tqdm
 
+    if workers < 0:
+        raise MultiADInputError(f"workers must be 0 or more, got {workers}")
+    if map_format not in screening.MAP_FORMATS:
+        raise MultiADInputError(f"map format {map_format!r}: expected one of {', '.join(screening.MAP_FORMATS)}")
     out_dir = Path(out_dir).absolute()  # the report names files that are found from anywhere
     loaded = screening._load_run(run, device)
     scans = [Path(s) for s in scans]
@@ -195,11 +302,11 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
     axis, size = kwargs.get("axis") or loaded.axis, int(kwargs.get("image_size") or loaded.image_size)
     top_k, scan_thr, slice_thr = screening._thresholds(loaded, top_k, modality, window, axis, size,
                                                        kwargs.get("threshold"))
-    failed_thresholds = {"threshold": scan_thr.value, "threshold_source": scan_thr.description,
-                         "slice_threshold": slice_thr.value, "slice_threshold_source": slice_thr.description}
+    failed = {"threshold": scan_thr.value, "threshold_source": scan_thr.description,
+              "slice_threshold": slice_thr.value, "slice_threshold_source": slice_thr.description}
     settings = _as_json({"model_sha256": model_identity(run if isinstance(run, (str, Path)) else loaded),
                          "modality": modality, "window": window, "slice_axis": axis, "image_size": size,
-                         "top_k": top_k, "series_uid": series_uid, **failed_thresholds})
+                         "top_k": top_k, "series_uid": series_uid, "map_format": map_format, **failed})
     records = [{**settings, "scan": str(s), "scan_file": _scan_stamp(s)} for s in scans]
     rank, world = idist.get_rank(), idist.get_world_size()
     rows: dict[int, dict] = {}
@@ -217,13 +324,10 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
                     display_path(out_dir), len(rows), len(scans), len(todo))
     mine = todo[rank::world]
     desc = "screening" if world == 1 else f"screening (rank 0: {len(mine)} of {len(todo)})"
-    bar = tqdm(mine, desc=desc, unit="scan", disable=None if progress and rank == 0 else True)
-    screened: dict[int, dict] = {}
-    for i in bar:
-        bar.set_postfix_str(names[i])
-        screened[i] = _screen_one(loaded, scans[i], out_dir, names[i], records[i], failed_thresholds,
-                                  series_uid=series_uid, modality=modality, window=window, batch_size=batch_size,
-                                  top_k=top_k, **kwargs)
+    bar = tqdm(total=len(mine), desc=desc, unit="scan", disable=None if progress and rank == 0 else True)
+    screened = _screen_share(loaded, scans, names, records, mine, out_dir, failed, bar, workers, map_format,
+                             series_uid=series_uid, modality=modality, window=window, batch_size=batch_size,
+                             top_k=top_k, **kwargs)
     bar.close()
     for part in (idist.all_gather(screened) if world > 1 else [screened]):
         rows.update(part)

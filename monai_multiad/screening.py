@@ -299,24 +299,44 @@ def scan_name(path: str | Path) -> str:
     return p.name or "scan"
 
 
-def screen_path(model_or_run: Any, path: str | Path, out_dir: str | Path, *, name: str | None = None,
-                series_uid: str | None = None, screened_with: dict | None = None, **kwargs) -> dict:
-    """Screen one scan file or DICOM folder and write ``out_dir/<scan name>/``: ``anomaly_map.nii.gz``
-    (the scan's shape and affine), ``slice_scores.csv``, ``montage.png`` (the most anomalous slices,
-    map overlaid, radiological display) and ``result.json``, each written atomically; for a DICOM
-    series also ``anomaly_map.dcm`` (and ``anomalous_region.seg.dcm`` when flagged), see :func:`_write_dicom`.
+#: anomaly map file formats: gzip-compressed NIfTI (nibabel's level 1, the fastest; every viewer reads it)
+#: or uncompressed NIfTI (larger, quicker to write)
+MAP_FORMATS = ("nii.gz", "nii")
 
-    ``result.json``, written last, holds the report row and ``screened_with`` (what screened the scan:
-    :mod:`monai_multiad.cohort` keeps a scan whose record matches on a rerun). ``kwargs`` go to
-    :func:`screen_volume` (modality, window, axis, image_size, batch_size, top_k, threshold, device,
-    progress). Returns the report row (see :data:`REPORT_FIELDS`); errors raise.
+
+def screen_path(model_or_run: Any, path: str | Path, out_dir: str | Path, *, name: str | None = None,
+                series_uid: str | None = None, screened_with: dict | None = None, volume: MetaTensor | None = None,
+                map_format: str = "nii.gz", **kwargs) -> dict:
+    """Screen one scan file or DICOM folder and write ``out_dir/<scan name>/``: ``anomaly_map.nii.gz``
+    (the scan's shape and affine; ``.nii`` with ``map_format="nii"``), ``slice_scores.csv``,
+    ``montage.png`` (the most anomalous slices, map overlaid, radiological display) and ``result.json``,
+    each written atomically; for a DICOM series also ``anomaly_map.dcm`` (and ``anomalous_region.seg.dcm``
+    when flagged), see :func:`_write_dicom`.
+
+    ``volume``: the scan already loaded (:func:`~monai_multiad.transforms.load_volume` of ``path``), else
+    it is read here. ``result.json``, written last, holds the report row and ``screened_with`` (what
+    screened the scan: :mod:`monai_multiad.cohort` keeps a scan whose record matches on a rerun).
+    ``kwargs`` go to :func:`screen_volume` (modality, window, axis, image_size, batch_size, top_k,
+    threshold, device, progress). Returns the report row (see :data:`REPORT_FIELDS`); errors raise.
     """
     t0 = time.perf_counter()
     run = _load_run(model_or_run, kwargs.pop("device", None))
-    res = screen_volume(run, Path(path), series_uid=series_uid, **kwargs)  # a path: the raw scan is freed early
-    folder = Path(out_dir) / (name or scan_name(path))
-    files = {k: folder / v for k, v in (("anomaly_map", "anomaly_map.nii.gz"), ("slice_scores", "slice_scores.csv"),
-                                        ("montage", "montage.png"), ("result", "result.json"))}
+    # from a path, the raw scan is freed as soon as it is normalised
+    res = screen_volume(run, Path(path) if volume is None else volume, series_uid=series_uid, **kwargs)
+    return write_outputs(res, path, Path(out_dir) / (name or scan_name(path)), series_uid=series_uid,
+                         screened_with=screened_with, map_format=map_format, started=t0)
+
+
+def write_outputs(res: ScreeningResult, path: str | Path, folder: Path, *, series_uid: str | None = None,
+                  screened_with: dict | None = None, map_format: str = "nii.gz", started: float | None = None) -> dict:
+    """Write what :func:`screen_path` writes for the screened scan ``path`` into ``folder``; ``result.json``
+    last. Returns the report row (``seconds`` counted from ``started``, a ``time.perf_counter()``)."""
+    if map_format not in MAP_FORMATS:
+        raise MultiADInputError(f"map format {map_format!r}: expected one of {', '.join(MAP_FORMATS)}")
+    t0 = time.perf_counter() if started is None else started
+    files = {k: folder / v for k, v in (("anomaly_map", f"anomaly_map.{map_format}"),
+                                        ("slice_scores", "slice_scores.csv"), ("montage", "montage.png"),
+                                        ("result", "result.json"))}
     _write_map(files["anomaly_map"], res.anomaly_map)
     buf = io.StringIO()
     w = csv.writer(buf)

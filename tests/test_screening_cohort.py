@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,27 @@ def test_two_gloo_processes_give_the_report_of_one(work, one_process):
     assert "data/cohort/case_5.nii.gz: score" in proc.stdout
 
 
+def test_reading_in_workers_and_writing_in_a_thread_give_the_report_of_one_process(work, one_process):
+    multiad(work, "screen", "lists/cohort.txt", "--run", "runs/a", "--out", "out/workers", "--device", "cpu",
+            "--workers", "2", code=1)
+    assert_same_report(work / "out" / "workers", one_process)
+
+
+def test_uncompressed_maps(work, one_process):
+    """``--map-format nii``: the same maps, uncompressed; scans screened into .nii.gz are screened again."""
+    out = work / "out" / "nii"
+    shutil.copytree(one_process, out)
+    proc = multiad(work, "screen", "lists/cohort.txt", "--run", "runs/a", "--out", "out/nii", "--device", "cpu",
+                   "--map-format", "nii", code=1)
+    assert "already screened" not in proc.stderr
+    for row, ref in zip(report(out), report(one_process)):
+        assert row["scan_score"] == ref["scan_score"]
+        if row["status"] == "ok":
+            assert row["map"].endswith("anomaly_map.nii") and Path(row["map"]).read_bytes()[:2] != b"\x1f\x8b"
+            np.testing.assert_array_equal(nib.load(row["map"]).get_fdata(), nib.load(ref["map"]).get_fdata())
+            assert not (Path(row["map"]).parent / "anomaly_map.nii.gz").exists()  # the other format's map went
+
+
 def test_torchrun_gives_the_report_of_one_process(work, one_process):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai_multiad.distributed", "screen", "lists/cohort.txt", "--run-folder", "runs/a", "--out",
@@ -205,8 +227,6 @@ def test_killed_after_three_scans_resumes_the_other_three(work, uninterrupted):
 
 
 def test_a_scan_screened_with_another_model_is_screened_again(work, uninterrupted):
-    import shutil
-
     out, fresh_b = work / "out" / "mixed", work / "out" / "b"
     multiad(work, "screen", "data/cohort", "--run", "runs/b", "--out", "out/b", "--device", "cpu")
     shutil.copytree(uninterrupted, out)  # all six screened with run a
