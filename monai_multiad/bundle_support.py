@@ -1,32 +1,29 @@
 """The few pieces the MONAI bundles in ``bundles/`` need beyond the shared builders.
 
-The bundles' configs build their objects with :mod:`monai_multiad.workflow` (``build_network``,
-``build_datasets``, ``build_loader``, ``build_trainer``), the engines, :func:`~monai_multiad.inference.evaluate`,
-:func:`~monai_multiad.inference.predict` and :func:`~monai_multiad.screening.screen_paths`, from a
-:class:`~monai_multiad.config.RunConfig` made by :func:`run_config`. What is here:
+The bundles' ``train.json`` builds a training run with the objects and steps ``multiad train`` uses
+(:mod:`monai_multiad.workflow`, :mod:`monai_multiad.run_folder`, the engines), and the other configs call
+:func:`~monai_multiad.inference.evaluate`, :func:`~monai_multiad.inference.predict` and
+:func:`~monai_multiad.screening.screen_paths`, from a :class:`~monai_multiad.config.RunConfig` made by
+:func:`run_config` of the configs' top-level keys (one per ``RunConfig`` field). What is here:
 
 * :func:`run_config`: ``RunConfig`` from a config's ``run_config`` entry, with the CLI's type checks,
-  so ``--run_config#epochs ten`` is a one-line error instead of a ``TypeError`` deep inside;
+  so ``--epochs ten`` is a one-line error instead of a ``TypeError`` deep inside;
 * :class:`AnomalyMapNetwork` / :func:`anomaly_map_network`: the bundles' ``network_def``, a
   :class:`~monai_multiad.networks.MultiAD` whose eval ``forward`` returns the anomaly map alone (what
   ``verify_net_in_out`` and ``ckpt_export`` handle; the image score is the map's maximum) and whose
   ``load_state_dict`` names what does not fit;
 * :func:`install_error_hook`: ``python -m monai.bundle run`` ends bad input with one line;
-* :func:`check_command_line`, :func:`require_dataset_dir`, :func:`check_resume`,
-  :func:`~monai_multiad.io.check_output_dir`: early checks of the command line, the dataset folder,
-  a checkpoint to resume from and an output folder, each a one-line error;
+* :func:`check_command_line`, :func:`require_dataset_dir`, :func:`~monai_multiad.io.check_output_dir`:
+  early checks of the command line (an option no config names), the dataset folder and an output
+  folder, each a one-line error;
 * :func:`image_inputs`, :func:`volume_scans`: what inference reads from a folder;
-* :func:`training_objects`: what a training checkpoint holds (as ``workflow.train`` saves it);
-* :func:`prepare_run_dir`: the run folder and its ``config.json``;
-* :func:`finish_training`: after the trainer: best weights back, fusion fitted, ``model.pt`` written,
-  as :func:`monai_multiad.workflow.train` ends.
+* :func:`prepare_run_dir`: the run folder checked, created, and its ``config.json``.
 
 This module sits at the top floor, beside the CLI: it may import from anything below it.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import fields
@@ -45,18 +42,13 @@ __all__ = [
     "anomaly_map_network",
     "check_command_line",
     "check_output_dir",
-    "check_resume",
-    "finish_training",
     "image_inputs",
     "install_error_hook",
     "prepare_run_dir",
     "require_dataset_dir",
     "run_config",
-    "training_objects",
     "volume_scans",
 ]
-
-logger = logging.getLogger("monai_multiad")
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -66,7 +58,7 @@ def run_config(**options: Any) -> RunConfig:
 
     Checked as the CLI checks its options (:meth:`RunConfig.from_dict`): an unknown name or a value of
     the wrong type is a :class:`MultiADInputError` naming the option. The strings ``true``/``false``
-    (what a shell passes for ``--run_config#student_se false``) are taken for booleans.
+    (what a shell passes for ``--student_se false``) are taken for booleans.
     """
     bools = {f.name for f in fields(RunConfig) if isinstance(f.default, bool)}
     clean = dict(options)
@@ -130,12 +122,6 @@ def anomaly_map_network(cfg: RunConfig, check_inputs: bool = False) -> AnomalyMa
     return AnomalyMapNetwork(**{**cfg.model_kwargs(), "pretrained": False, "check_inputs": check_inputs})
 
 
-def training_objects(trainer) -> dict[str, Any]:
-    """What a training checkpoint holds, as :func:`monai_multiad.workflow.train` saves it
-    (:meth:`~monai_multiad.engines.trainer.MultiADTrainer.checkpoint_objects`)."""
-    return trainer.checkpoint_objects()
-
-
 def _find_input_error(exc: BaseException | None) -> MultiADInputError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -175,81 +161,64 @@ def require_dataset_dir(path: str | Path, option: str = "--dataset_dir") -> Path
     return p
 
 
-def check_command_line(argv: list[str] | None = None, allowed: tuple[str, ...] = ("dataset_dir", "device")) -> None:
-    """Refuse a run option given at the top level of a bundle command line (``--epochs 10``), which
-    MONAI would add as an unused config entry and so silently ignore: run options are
-    ``--run_config#<name>``. ``argv`` defaults to ``sys.argv``."""
-    argv = sys.argv[1:] if argv is None else argv
-    names = {f.name for f in fields(RunConfig)} - set(allowed)
+def prepare_run_dir(run_dir: str | Path, cfg: RunConfig) -> Path:
+    """The run folder, checked as ``multiad train`` checks ``--run-dir`` (not a file, not inside the
+    dataset), created with its ``config.json`` (rank 0 only under ``ignite.distributed``)."""
+    from monai_multiad.run_folder import start_run_folder
+
+    return start_run_folder(check_output_dir(run_dir, "run folder", inputs=(cfg.dataset_dir,)), cfg)
+
+
+#: what ``python -m monai.bundle run`` itself takes besides the configs' keys
+_RUN_ARGUMENTS = ("config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id",
+                  "tracking", "workflow_type", "workflow_name", "properties_path")
+
+
+def _config_files(argv: list[str]) -> list[Path]:
+    """The files of ``--config_file`` (one path, comma-separated paths or a Python list) in ``argv``."""
+    import ast
+
+    value = None
     for i, arg in enumerate(argv):
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+    if not value:
+        return []
+    if value.strip().startswith("["):
+        try:
+            return [Path(str(v)) for v in ast.literal_eval(value)]
+        except (ValueError, SyntaxError):
+            return []
+    return [Path(v) for v in value.split(",")]
+
+
+def check_command_line(argv: list[str] | None = None) -> None:
+    """Refuse an option of a bundle command line that names no key of its configs (``--epoch 10`` for
+    ``--epochs 10``, or an option of ``multiad train`` spelled with dashes), which MONAI would add as an
+    unused entry and so ignore silently. Every :class:`RunConfig` field is a top-level key of
+    ``train.json``; ``--run_config#<name>`` and other ``#`` paths are checked by their first part.
+    ``argv`` defaults to ``sys.argv``; the configs are those of its ``--config_file``."""
+    import difflib
+    import json
+
+    argv = sys.argv[1:] if argv is None else argv
+    keys = {f.name for f in fields(RunConfig)} | set(_RUN_ARGUMENTS)
+    for path in _config_files(argv):
+        try:
+            keys |= set(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return  # MONAI reports a config it cannot read
+    for arg in argv:
         if not arg.startswith("--"):
             continue
-        name, _, value = arg[2:].partition("=")
-        if name in names:
-            value = value or (argv[i + 1] if i + 1 < len(argv) else "VALUE")
-            raise MultiADInputError(f"--{name} is not a bundle option: run options are set under run_config, "
-                                    f"e.g. --run_config#{name} {value}")
-
-
-def check_resume(path: str | Path, cfg: RunConfig, objects: dict[str, Any]) -> Path:
-    """Check a training checkpoint before ``CheckpointLoader`` loads it: it exists, holds every
-    object (trainer, student, optimizer[, discriminator, d_optimizer]), was made by the same network
-    (its run's ``config.json`` and every tensor's shape) and is not past ``cfg.epochs``.
-    Problems are one-line :class:`MultiADInputError` / :class:`WeightsError` messages."""
-    from monai_multiad.networks.weights import load_complete
-    from monai_multiad.run_folder import read_training_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise MultiADInputError(f"{path}: checkpoint to resume from not found (set --resume)")
-    state = read_training_checkpoint(path, cfg, objects)
-    for name, obj in objects.items():
-        if isinstance(obj, torch.nn.Module):
-            load_complete(obj, state[name], f"{path} [{name}]")
-    trainer = state.get("trainer") or {}
-    if trainer.get("epoch_length"):
-        done = int(trainer.get("iteration", 0)) // int(trainer["epoch_length"])
-        if done >= cfg.epochs:
-            raise MultiADInputError(f"{path}: checkpoint has {done} epoch(s) done, not fewer than epochs={cfg.epochs}: "
-                                    "raise --run_config#epochs to go on")
-    return path
-
-
-def restore_best_tracking(saver, best_file: str | Path) -> bool:
-    """On ``--resume``: give the best-model ``CheckpointSaver`` the record of the best validation
-    loss so far (saved in ``best_model.pt`` with ``key_metric_save_state``), so that the resumed
-    epochs replace the best model only when they beat it. ``saver`` is ``None`` on ranks that do
-    not save. Returns whether a record was restored."""
-    best_file = Path(best_file)
-    if saver is None or not best_file.is_file():
-        return False
-    try:
-        state = torch.load(best_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise WeightsError(f"{best_file}: cannot read the best checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "checkpointer" not in state:
-        logger.warning("%s holds no record of its validation loss: the resumed epochs choose the best model "
-                       "among themselves", best_file)
-        return False
-    saver.load_state_dict(state["checkpointer"])
-    return True
-
-
-def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, resume: str | Path | None = None) -> Path:
-    """Create the run folder and write ``config.json`` (rank 0 only under ``ignite.distributed``).
-    A new run (no ``resume``) removes a ``checkpoints/best_model.pt`` left by an earlier run in the
-    same folder, which :func:`finish_training` would otherwise restore."""
-    import ignite.distributed as idist
-
-    from monai_multiad.io import write_json
-
-    run_dir = check_output_dir(run_dir, "run folder", inputs=(cfg.dataset_dir,))
-    if idist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
-        if not resume:
-            (run_dir / "checkpoints" / "best_model.pt").unlink(missing_ok=True)
-    return run_dir
+        name = arg[2:].partition("=")[0]
+        top = name.split("#")[0]
+        if top and top not in keys:
+            close = difflib.get_close_matches(top.replace("-", "_"), sorted(keys), n=1)
+            hint = f": did you mean --{close[0]}?" if close else ""
+            raise MultiADInputError(f"--{name} is not an option of this bundle{hint}")
 
 
 def image_inputs(folder: str | Path) -> list[str]:
@@ -288,47 +257,3 @@ def volume_scans(folder: str | Path) -> list[str]:
         test = []
     chosen = [c for c in cases if c.name in set(test)] or cases
     return [str(c.image) for c in chosen]
-
-
-def finish_training(
-    cfg: RunConfig,
-    trainer,
-    val_loader,
-    run_dir: str | Path,
-    best_checkpoint: str | Path | None = None,
-    train_dataset=None,
-    rank0: bool = True,
-) -> dict[str, Any]:
-    """End a bundle training run as :func:`monai_multiad.workflow.train` ends: load the best weights
-    by validation loss (``best_checkpoint``, when it was written), fit the fusion statistics on the
-    validation normals, write ``model.pt`` and ``metrics.json`` (rank 0). Returns the summary."""
-    from ignite.handlers import Checkpoint
-
-    from monai_multiad.engines.evaluator import fit_fusion
-    from monai_multiad.io import write_json
-    from monai_multiad.run_folder import save_model
-
-    network, device = trainer.network, trainer.state.device
-    best = Path(best_checkpoint) if best_checkpoint else None
-    if best is not None and best.is_file():
-        objects = {k: v for k, v in training_objects(trainer).items() if k in ("student", "discriminator")}
-        state = torch.load(best, map_location=device, weights_only=True)
-        state.pop("checkpointer", None)  # the saver's record of the best loss (key_metric_save_state)
-        Checkpoint.load_objects(objects, state)
-    fusion = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
-    summary = {
-        "epochs": trainer.state.epoch,
-        "iterations": trainer.state.iteration,
-        "best_checkpoint": str(best) if best is not None and best.is_file() else None,
-        "train_images": len(train_dataset) if train_dataset is not None else None,
-        "val_images": len(val_loader.dataset) if hasattr(val_loader, "dataset") else None,
-        "device": str(device),
-        "fusion": fusion,
-    }
-    if rank0:
-        run_dir = Path(run_dir)
-        save_model(run_dir / "model.pt", network, cfg, fusion)
-        write_json(run_dir / "metrics.json", {"training": summary})
-        logger.info("trained %d epoch(s), %d iterations; wrote %s", summary["epochs"], summary["iterations"],
-                    run_dir / "model.pt")
-    return summary

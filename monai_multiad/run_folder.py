@@ -1,18 +1,20 @@
-"""A run folder: what ``multiad train`` writes and every other command reads.
+"""A run folder: what ``multiad train`` and the bundles' ``train.json`` write and every other command reads.
 
-``config.json`` (the options used), ``model.pt`` (network weights + fusion statistics + config:
-:func:`save_model` / :func:`load_model`), ``checkpoints/`` (``last_checkpoint_<iteration>.pt``
-for ``--resume`` and ``best_checkpoint_<epoch>_neg_val_loss=<score>.pt``, written by
-:class:`CheckpointSaver`), ``log.csv`` and ``metrics.json``. Inference, screening, calibration
-and export import this module, not the training one; resuming a run into the same folder
-(:func:`load_training_checkpoint`, :func:`previous_log_rows`, :func:`adopt_checkpoints`) lives
-here too.
+``config.json`` (the options used: :func:`start_run_folder`), ``model.pt`` (network weights + fusion
+statistics + config: :func:`save_model` / :func:`load_model`), ``checkpoints/``
+(``last_checkpoint_<iteration>.pt`` for ``--resume`` and ``best_checkpoint_<epoch>_neg_val_loss=<score>.pt``:
+the Ignite ``Checkpoint`` handlers :func:`last_checkpointer` and :func:`best_checkpointer`, written by
+:class:`CheckpointSaver`), ``log.csv`` and ``tensorboard/`` (:class:`EpochLog`) and ``metrics.json``.
+Inference, screening, calibration and export import this module, not the training one; resuming a
+run into the same folder (:func:`load_training_checkpoint`, :func:`previous_log_rows`,
+:func:`adopt_checkpoints`) lives here too.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,19 @@ from monai_multiad.networks import MultiAD
 
 __all__ = [
     "CheckpointSaver",
+    "EpochLog",
     "adopt_checkpoints",
+    "best_checkpointer",
     "check_compatible",
     "clear_checkpoints",
     "last_checkpoint_in",
+    "last_checkpointer",
     "load_model",
     "load_training_checkpoint",
     "read_training_checkpoint",
     "previous_log_rows",
     "save_model",
+    "start_run_folder",
 ]
 
 logger = logging.getLogger("monai_multiad")
@@ -108,6 +114,128 @@ class CheckpointSaver(DiskSaver):
         for name in replaced:
             if name != filename:
                 super().remove(name)
+
+
+def start_run_folder(run_dir: str | Path, cfg: RunConfig) -> Path:
+    """Create the run folder and write its ``config.json`` (rank 0 only under ``ignite.distributed``).
+    Returns the folder, absolute (Ignite's checkpoint paths include it)."""
+    import ignite.distributed as idist
+
+    from monai_multiad.io import write_json
+
+    run_dir = Path(run_dir).absolute()
+    if idist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+    return run_dir
+
+
+#: what the best checkpoint holds, of a trainer's ``checkpoint_objects()``
+BEST_OBJECTS = ("student", "discriminator")
+
+
+def best_checkpointer(trainer, run_dir: str | Path) -> Checkpoint:
+    """The Ignite ``Checkpoint`` keeping the student (and discriminator) of the epoch with the lowest
+    validation loss as ``<run_dir>/checkpoints/best_checkpoint_<epoch>_neg_val_loss=<score>.pt``.
+    Attach it to the validation engine's ``COMPLETED`` (its ``state.metrics["val_loss"]``);
+    ``trainer`` is the :class:`~monai_multiad.engines.trainer.MultiADTrainer` (the epoch in the name)."""
+    objects = {k: v for k, v in trainer.checkpoint_objects().items() if k in BEST_OBJECTS}
+    return Checkpoint(
+        objects,
+        CheckpointSaver(Path(run_dir).absolute() / "checkpoints"),
+        filename_prefix="best",
+        # one name whatever the objects (Ignite names a lone object's file after its key)
+        filename_pattern="{filename_prefix}_checkpoint_{global_step}_{score_name}={score}.{ext}",
+        score_function=lambda e: -e.state.metrics["val_loss"],
+        score_name="neg_val_loss",
+        n_saved=1,
+        global_step_transform=lambda *_: trainer.state.epoch,
+    )
+
+
+def last_checkpointer(trainer, run_dir: str | Path, best: Checkpoint | None = None,
+                      early_stopping: Any = None) -> Checkpoint:
+    """The Ignite ``Checkpoint`` writing ``<run_dir>/checkpoints/last_checkpoint_<iteration>.pt`` (the
+    newest only) with everything a resume needs: the trainer's ``checkpoint_objects()`` and also
+    ``best``'s record of the best checkpoint and ``early_stopping``'s count (when given), so that a
+    resumed run compares its epochs with those before the interruption. Attach it to the trainer's
+    ``EPOCH_COMPLETED``, after validation."""
+    run_state = {"best_checkpointer": best, "early_stopping": early_stopping}
+    objects = {**trainer.checkpoint_objects(), **{k: v for k, v in run_state.items() if v is not None}}
+    return Checkpoint(objects, CheckpointSaver(Path(run_dir).absolute() / "checkpoints"), filename_prefix="last",
+                      n_saved=1)
+
+
+class EpochLog:
+    """Ignite handler: one row per epoch (mean of each training loss, validation loss, seconds) in
+    ``<run_dir>/log.csv`` and, when ``tensorboard`` is installed, as scalars in ``<run_dir>/tensorboard/``.
+    Rank 0 writes; every rank keeps the rows (``best_val_loss`` of the summary).
+
+    ``attach(trainer, validator)``: losses summed over the trainer's iterations, a row written when
+    the validation engine completes (``validator.state.metrics["val_loss"]``)."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+        self.run_dir, self.tensorboard = Path(run_dir).absolute(), tensorboard
+        self.rows: list[dict] = []
+        self.sums: dict[str, float] = {}
+        self.trainer, self.writer, self.started = None, None, time.perf_counter()
+
+    def attach(self, trainer, validator) -> None:
+        from ignite.engine import Events
+
+        self.trainer = trainer
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        validator.add_event_handler(Events.COMPLETED, self)
+
+    def resume(self, log_file: Path, epochs: int) -> None:
+        """Go on from a resumed run's ``log.csv``: its rows up to ``epochs`` (:func:`previous_log_rows`)."""
+        self.rows = previous_log_rows(log_file, epochs)
+
+    def _epoch_started(self, engine) -> None:
+        self.sums, self.started = {}, time.perf_counter()
+
+    def _iteration(self, engine) -> None:
+        for k, v in engine.state.output.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums["_n"] = self.sums.get("_n", 0) + 1
+
+    def __call__(self, validator) -> None:
+        import ignite.distributed as idist
+
+        epoch = self.trainer.state.epoch
+        n = max(self.sums.pop("_n", 1), 1)
+        row = {"epoch": epoch, **{k: v / n for k, v in self.sums.items()}}
+        row.update(val_loss=validator.state.metrics["val_loss"], seconds=round(time.perf_counter() - self.started, 2))
+        self.rows.append(row)
+        self.sums = {}
+        if idist.get_rank() != 0:
+            return
+        with atomic_path(self.run_dir / "log.csv") as tmp, Path(tmp).open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        self._scalars(row)
+        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+
+    def _scalars(self, row: dict) -> None:
+        if self.writer is None and self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.tensorboard = False
+                return
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def _checkpoint_number(path: Path) -> int:

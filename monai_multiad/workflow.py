@@ -1,8 +1,13 @@
 """Building and running a Multi-AD experiment from a :class:`~monai_multiad.config.RunConfig`.
 
-The one place where datasets, the network, the engines and their handlers are put together:
-the CLI calls :func:`train`, and the bundles' configs reach the same builders
-(:func:`build_network`, :func:`build_datasets`, :func:`build_trainer`).
+The one place where a training run is assembled. ``multiad train`` calls :func:`train`; the
+bundles' ``train.json`` instantiates the same objects from JSON, each a ``_target_`` entry there:
+the network, datasets, loaders and trainer (:func:`build_network`, :func:`build_datasets`,
+:func:`build_loader`, :func:`build_trainer`), the validation engine, the run folder's handlers
+(:class:`~monai_multiad.run_folder.EpochLog`, :func:`~monai_multiad.run_folder.best_checkpointer`,
+:func:`~monai_multiad.run_folder.last_checkpointer`), and calls the same steps:
+:func:`attach_run_handlers`, :func:`resume_or_start`, :func:`run_training`, :func:`finish_run`.
+So a CLI run and a bundle run write the same run folder.
 
 What a run folder holds, how the model file is written and read, and how a run is resumed
 into its folder: :mod:`monai_multiad.run_folder`.
@@ -10,7 +15,6 @@ into its folder: :mod:`monai_multiad.run_folder`.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -35,13 +39,15 @@ from monai_multiad.errors import MultiADInputError
 from monai_multiad.io import write_json
 from monai_multiad.networks import MultiAD
 from monai_multiad.run_folder import (  # noqa: F401 - load_model, save_model: also importable from here
-    CheckpointSaver,
+    EpochLog,
     adopt_checkpoints,
+    best_checkpointer,
     clear_checkpoints,
+    last_checkpointer,
     load_model,
     load_training_checkpoint,
-    previous_log_rows,
     save_model,
+    start_run_folder,
 )
 
 __all__ = [
@@ -50,6 +56,10 @@ __all__ = [
     "build_datasets",
     "build_loader",
     "build_trainer",
+    "attach_run_handlers",
+    "resume_or_start",
+    "run_training",
+    "finish_run",
     "train",
     "load_model",
     "save_model",
@@ -227,47 +237,135 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
     )
 
 
-class _EpochLog:
-    """Per-epoch mean losses and validation loss -> ``log.csv`` (and TensorBoard when installed)."""
+def attach_run_handlers(
+    trainer: MultiADTrainer,
+    validator,
+    val_loader,
+    recalibration: BatchNormRecalibration,
+    log: EpochLog,
+    best: Checkpoint,
+    last: Checkpoint,
+    early_stopping: EarlyStopping | None = None,
+    max_steps: int = 0,
+    progress: bool = False,
+) -> None:
+    """Wire a training run's handlers, as ``multiad train`` and the bundles' ``train.json`` both do:
+    after each training epoch the validation engine runs on ``val_loader`` (every rank, on every
+    held-out normal; under ``ignite.distributed`` rank 0's loss is broadcast, so early stopping and
+    "best" agree), starting with the student's BatchNorm re-estimation (``recalibration``); then
+    ``log`` writes the epoch's row, ``best`` and ``last`` save (rank 0) and ``early_stopping`` counts.
+    ``max_steps`` > 0 ends training after that many iterations; ``progress`` shows a bar on a terminal."""
+    rank0 = idist.get_rank() == 0
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
+    log.attach(trainer, validator)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: validator.run(val_loader))
+    recalibration.attach(validator)  # eval mode must see the student that was trained (BatchNorm statistics)
+    if idist.get_world_size() > 1:
+        validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(
+            val_loss=float(idist.broadcast(e.state.metrics["val_loss"], src=0))))
+    if rank0:
+        validator.add_event_handler(Events.COMPLETED, best)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, last)  # after validation: holds this epoch's best
+    if early_stopping is not None:
+        validator.add_event_handler(Events.COMPLETED, early_stopping)
+    if max_steps > 0:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=max_steps), lambda e: e.terminate())
+    if progress and rank0 and sys.stderr.isatty():
+        from ignite.handlers import ProgressBar
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None) -> None:
-        self.path, self.sums, self.rows = path, {}, []
-        self.writer = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
 
-                self.writer = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                pass
 
-    def iteration(self, engine) -> None:
-        for k, v in engine.state.output.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.sums["_n"] = self.sums.get("_n", 0) + 1
+def resume_or_start(resume: str | Path | None, last: Checkpoint, best: Checkpoint, log: EpochLog,
+                    cfg: RunConfig) -> Path | None:
+    """Before training: with ``resume`` (a checkpoint file or a run folder, whose newest
+    ``last_checkpoint_*.pt`` is taken), load the trainer, networks, optimisers, the best-checkpoint
+    record and the early-stopping count that ``last`` saves, go on with the resumed run's
+    ``log.csv`` rows, and keep only the resumed and best checkpoints in this run's folder
+    (:func:`~monai_multiad.run_folder.adopt_checkpoints`); without, remove an earlier run's
+    checkpoints from the folder. Returns the checkpoint resumed from, or ``None``."""
+    ckpt_dir = Path(last.save_handler.dirname)
+    rank0 = idist.get_rank() == 0
+    if not resume:
+        if rank0:
+            clear_checkpoints(ckpt_dir)
+        return None
+    run_state_keys = ("best_checkpointer", "early_stopping")
+    to_save = {k: v for k, v in last.to_save.items() if k not in run_state_keys}
+    run_state = {k: v for k, v in last.to_save.items() if k in run_state_keys}
+    source = load_training_checkpoint(Path(resume), to_save, run_state, cfg)
+    log.resume(source.parent.parent / "log.csv", to_save["trainer"].state.epoch)
+    if rank0:
+        adopt_checkpoints(source, ckpt_dir, last, best)
+    return source
 
-    def epoch(self, engine, val_loss: float, seconds: float) -> None:
-        n = max(self.sums.pop("_n", 1), 1)
-        row = {"epoch": engine.state.epoch, **{k: v / n for k, v in self.sums.items()}}
-        row.update(val_loss=val_loss, seconds=round(seconds, 2))
-        self.rows.append(row)
-        self.sums = {}
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "epoch":
-                    self.writer.add_scalar(k, v, engine.state.epoch)
-        logger.info("epoch %d: %s", engine.state.epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+
+def run_training(trainer: MultiADTrainer) -> bool:
+    """Run the trainer; Ctrl-C or SIGTERM (a scheduler's time limit) ends training early, after
+    which the run is finished from the best completed epoch (:func:`finish_run`). Records
+    ``trainer.state.interrupted`` and ``trainer.state.train_seconds``; returns whether it was interrupted."""
+    def _sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+    t0 = time.perf_counter()
+    interrupted = False
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        logger.warning("training interrupted at epoch %d: finishing the run with the best completed epoch",
+                       trainer.state.epoch)
+        interrupted = True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    trainer.state.interrupted, trainer.state.train_seconds = interrupted, time.perf_counter() - t0
+    return interrupted
+
+
+def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str | Path, best: Checkpoint,
+               log: EpochLog, recalibration: BatchNormRecalibration, train_images: int) -> dict:
+    """End a training run (after :func:`run_training`): load the best epoch's weights by validation
+    loss (``best``; without one, re-estimate the BatchNorm statistics of the last), fit the fusion
+    on the held-out normals of ``val_loader``, write ``model.pt`` and ``metrics.json`` (rank 0).
+    Returns the summary, ``metrics.json``'s ``"training"``."""
+    interrupted = bool(getattr(trainer.state, "interrupted", False))
+    log.close()
+    if interrupted and best.last_checkpoint is None:
+        raise KeyboardInterrupt  # nothing completed: there is no model to finish with
+    network, device = trainer.network, trainer.state.device
+    if best.last_checkpoint is not None:  # the best epoch by validation loss, not the last one
+        # Checkpoint.last_checkpoint already holds the DiskSaver folder: do not join it again
+        Checkpoint.load_objects(best.to_save, torch.load(Path(best.last_checkpoint), map_location=device,
+                                                         weights_only=True))
+    else:
+        recalibration()
+    fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
+    summary = {
+        "epochs": trainer.state.epoch,
+        "iterations": trainer.state.iteration,
+        "best_val_loss": min((r["val_loss"] for r in log.rows), default=None),
+        "best_checkpoint": Path(best.last_checkpoint).name if best.last_checkpoint is not None else None,
+        "train_seconds": round(float(getattr(trainer.state, "train_seconds", 0.0)), 1),
+        "interrupted": interrupted,
+        "train_images": int(train_images),
+        "val_images": len(val_loader.dataset),
+        "device": _device_name(device),
+        "fusion": fusion_stats,
+    }
+    if idist.get_rank() == 0:
+        run_dir = Path(run_dir)
+        save_model(run_dir / "model.pt", network, cfg, fusion_stats)
+        write_json(run_dir / "metrics.json", {"training": summary})
+    return summary
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None, progress: bool = True) -> dict:
     """Train on the normal images of ``cfg.dataset_dir``, fit the fusion on the held-out normals,
-    and write the run folder. Returns the training summary written to ``metrics.json``."""
-    run_dir = Path(run_dir).absolute()  # Ignite's checkpoint paths include this folder: one absolute root
-    rank0 = idist.get_rank() == 0
+    and write the run folder. Returns the training summary written to ``metrics.json``.
+
+    The bundles' ``train.json`` builds the same objects, by the same builders, in the same order
+    (each a ``_target_`` entry there): keep the two in step."""
     set_determinism(seed=cfg.seed)
     cfg = resolve_options(cfg)
     device = resolve_device(cfg.device)
@@ -279,119 +377,25 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     normals = fixed_normals_loader(train_ds, cfg)
     if cfg.feature_norm:
         fit_feature_statistics(network, normals)
-    recalibrate = BatchNormRecalibration(network, normals, cfg.bn_recalibrate, device)
-
+    recalibration = BatchNormRecalibration(network, normals, cfg.bn_recalibrate, device)
     # every rank validates and fits the fusion on all held-out normals (not a DistributedSampler shard)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     trainer = build_trainer(cfg, network, loader, device)
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
+    run_dir = start_run_folder(run_dir, cfg)
 
-    to_save = trainer.checkpoint_objects()
-    ckpt_dir = run_dir / "checkpoints"
-    val_engine = validation_loss(network, device)
-    if idist.get_world_size() > 1:  # one val loss on all ranks: early stopping and "best" agree
-        val_engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(
-            val_loss=float(idist.broadcast(e.state.metrics["val_loss"], src=0))))
-    best_objects = {k: v for k, v in to_save.items() if k in ("student", "discriminator")}
-    best = Checkpoint(
-        best_objects,
-        CheckpointSaver(ckpt_dir),
-        filename_prefix="best",
-        # one name whatever the objects (Ignite names a lone object's file after its key)
-        filename_pattern="{filename_prefix}_checkpoint_{global_step}_{score_name}={score}.{ext}",
-        score_function=lambda e: -e.state.metrics["val_loss"],
-        score_name="neg_val_loss",
-        n_saved=1,
-        global_step_transform=lambda *_: trainer.state.epoch,
-    )
+    validator = validation_loss(network, device)
     early_stopping = None
     if cfg.early_stop_patience > 0:
         early_stopping = EarlyStopping(cfg.early_stop_patience, lambda e: -e.state.metrics["val_loss"], trainer,
                                        min_delta=1e-4)
-    # the last checkpoint also holds which file is the best so far and the early-stopping count,
-    # so that a resumed run compares its epochs with those before the interruption
-    run_state = {"best_checkpointer": best, **({"early_stopping": early_stopping} if early_stopping else {})}
-    last = Checkpoint({**to_save, **run_state}, CheckpointSaver(ckpt_dir), filename_prefix="last", n_saved=1)
-    log = _EpochLog(run_dir / "log.csv", run_dir / "tensorboard" if rank0 else None)
-    epoch_start = [time.perf_counter()]
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, log.iteration)
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epoch_start.__setitem__(0, time.perf_counter()))
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _validate(engine) -> None:
-        val_engine.run(val_loader)
-        if rank0:
-            log.epoch(engine, val_engine.state.metrics["val_loss"], time.perf_counter() - epoch_start[0])
-
-    recalibrate.attach(val_engine)  # eval mode must see the student that was trained (BatchNorm statistics)
-    if rank0:
-        val_engine.add_event_handler(Events.COMPLETED, best)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
-    if early_stopping is not None:
-        val_engine.add_event_handler(Events.COMPLETED, early_stopping)
-    if cfg.max_steps > 0:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=cfg.max_steps), lambda e: e.terminate())
-    if progress and rank0 and sys.stderr.isatty():
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
-    if resume is not None:
-        source = load_training_checkpoint(Path(resume), to_save, run_state, cfg)
-        if rank0:
-            log.rows = previous_log_rows(source.parent.parent / "log.csv", trainer.state.epoch)
-            adopt_checkpoints(source, ckpt_dir, last, best)
-    elif rank0:
-        clear_checkpoints(ckpt_dir)
-
-    t0 = time.perf_counter()
-    interrupted = _run_interruptibly(trainer)
-    train_seconds = time.perf_counter() - t0
-    if interrupted and best.last_checkpoint is None:
-        raise KeyboardInterrupt  # nothing completed: there is no model to finish with
-    if best.last_checkpoint is not None:  # the best epoch by validation loss, not the last one
-        # Checkpoint.last_checkpoint already holds the DiskSaver folder: do not join it again
-        Checkpoint.load_objects(best_objects, torch.load(Path(best.last_checkpoint), map_location=device,
-                                                         weights_only=True))
-    else:
-        recalibrate()
-    fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
-    summary = {
-        "epochs": trainer.state.epoch,
-        "iterations": trainer.state.iteration,
-        "best_val_loss": min((r["val_loss"] for r in log.rows), default=None),
-        "train_seconds": round(train_seconds, 1),
-        "interrupted": interrupted,
-        "train_images": len(train_ds),
-        "val_images": len(val_ds),
-        "device": _device_name(device),
-        "fusion": fusion_stats,
-    }
-    if rank0:
-        save_model(run_dir / "model.pt", network, cfg, fusion_stats)
-        write_json(run_dir / "metrics.json", {"training": summary})
-    return summary
-
-
-def _run_interruptibly(trainer: MultiADTrainer) -> bool:
-    """Run the trainer; Ctrl-C or SIGTERM (a scheduler's time limit) ends training early, after
-    which the run is finished from the best completed epoch. Returns whether it was interrupted."""
-    def _sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
-    try:
-        trainer.run()
-        return False
-    except KeyboardInterrupt:
-        logger.warning("training interrupted at epoch %d: finishing the run with the best completed epoch",
-                       trainer.state.epoch)
-        return True
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    best = best_checkpointer(trainer, run_dir)
+    last = last_checkpointer(trainer, run_dir, best, early_stopping)
+    log = EpochLog(run_dir)
+    attach_run_handlers(trainer, validator, val_loader, recalibration, log, best, last, early_stopping,
+                        cfg.max_steps, progress)
+    resume_or_start(resume, last, best, log, cfg)
+    run_training(trainer)
+    return finish_run(cfg, trainer, val_loader, run_dir, best, log, recalibration, len(train_ds))
 
 
 def _device_name(device: torch.device) -> str:

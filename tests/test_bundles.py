@@ -26,7 +26,6 @@ jsonschema = pytest.importorskip("jsonschema", reason="metadata validation needs
 from monai_multiad.bundle_support import (  # noqa: E402
     anomaly_map_network,
     check_command_line,
-    check_resume,
     install_error_hook,
     run_config,
 )
@@ -38,14 +37,16 @@ from _reference import assert_evaluation_matches, recompute_evaluation  # noqa: 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SCHEMA = BUNDLES / "schema" / "meta_schema_20240725.json"
 NAMES = ("multiad_industrial", "multiad_brain_mri")
-# what makes a run tiny: the options a user would change, under run_config
+# what makes a run tiny: the options a user would change, top-level keys of train.json
 TINY = {"image_size": 64, "epochs": 1, "batch_size": 8, "backbone": "resnet18", "pretrained": "none"}
 
 
-def _tiny_args(**extra) -> list[str]:
+def _tiny_args(prefix: str = "--", **extra) -> list[str]:
+    """``--epochs 1 ...`` (top-level keys), or with ``prefix="--run_config#"`` the keys of the
+    ``run_config`` entry itself, which a user may also override."""
     args = []
     for k, v in {**TINY, **extra}.items():
-        args += [f"--run_config#{k}", str(v)]
+        args += [f"{prefix}{k}", str(v)]
     return args + ["--device", "cpu"]
 
 
@@ -117,7 +118,7 @@ def brain(tmp_path_factory):
     (data / "splits.json").write_text(json.dumps({"train": names, "test": ["lesion"]}))
     root = tmp / "bundle_root"
     bundle("multiad_brain_mri", "run", "--config_file", "configs/train.json", "--bundle_root", "bundle_root",
-           "--dataset_dir", "volumes", *_tiny_args(max_steps=2, batch_size=4), cwd=tmp)
+           "--dataset_dir", "volumes", *_tiny_args("--run_config#", max_steps=2, batch_size=4), cwd=tmp)
     return {"data": data, "root": root, "run": root / "models", "lesion_shape": label.shape, "cwd": tmp}
 
 
@@ -151,16 +152,20 @@ def test_bundle_layout(name):
 # ----------------------------------------------------------------------------- industrial
 def test_industrial_train_evaluate_inference(industrial):
     run = industrial["run"]
-    for f in ("model.pt", "config.json", "metrics.json", "checkpoints/best_model.pt"):
+    for f in ("model.pt", "config.json", "metrics.json", "log.csv"):
         assert (run / f).is_file(), f
-    assert list((run / "checkpoints").glob("last_checkpoint_epoch=1.pt"))
+    # the CLI's checkpoint names: after the 2 iterations of epoch 1 (see below)
+    assert [p.name for p in (run / "checkpoints").glob("last_checkpoint_*.pt")] == ["last_checkpoint_2.pt"]
+    (best,) = (run / "checkpoints").glob("best_checkpoint_1_neg_val_loss=*.pt")
     # the same options, from the same defaults, as the CLI: only the bundle's fixed ones and the overrides differ
     # (foreground "auto" is settled to "off" for 2D images, as `multiad train` records it)
     expected = RunConfig(dataset_dir=str(industrial["data"]), layout="mvtec", in_channels=3, device="cpu",
                          foreground="off", **TINY)
     assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(expected.to_dict()))
     # batch_size 8 is the global batch: 11 training images, 6 per rank, 4 per step -> 2 steps on each rank
-    assert json.loads((run / "metrics.json").read_text())["training"]["iterations"] == 2
+    summary = json.loads((run / "metrics.json").read_text())["training"]
+    assert summary["iterations"] == 2 and summary["epochs"] == 1  # the top-level --epochs 1 took effect
+    assert summary["best_checkpoint"] == best.name
     assert "val_loss" in industrial["train"].stdout + industrial["train"].stderr
 
     proc = bundle("multiad_industrial", "run", "--config_file", "configs/evaluate.json",
@@ -296,13 +301,20 @@ def test_run_config_checks_like_the_cli(tmp_path):
         run_config(epoch=3)
     with pytest.raises(MultiADInputError, match="backbone"):
         run_config(backbone="resnet50")
-    with pytest.raises(MultiADInputError, match="--run_config#epochs 10"):
-        check_command_line(["run", "--config_file", "configs/train.json", "--epochs", "10"])
-    check_command_line(["run", "--dataset_dir", "/x", "--device", "cpu", "--run_config#epochs", "3"])
+    # a top-level option no config names (a misspelling, or multiad train's dashes) is refused, not ignored
+    configs = str(BUNDLES / "multiad_industrial" / "configs" / "train.json")
+    with pytest.raises(MultiADInputError, match="--epoch is not an option of this bundle: did you mean --epochs"):
+        check_command_line(["run", "--config_file", configs, "--epoch", "10"])
+    with pytest.raises(MultiADInputError, match="did you mean --early_stop_patience"):
+        check_command_line(["run", "--config_file", configs, "--early-stop-patience", "1"])
+    check_command_line(["run", "--config_file", f"['{configs}']", "--dataset_dir", "/x", "--device", "cpu",
+                        "--epochs", "3", "--run_config#epochs", "3", "--train#handlers", "[]"])
 
 
 def test_resume_checks_the_checkpoint(industrial):
-    from monai_multiad.bundle_support import training_objects
+    """The bundle's ``--resume`` goes through the CLI's check (``workflow.resume_or_start`` ->
+    ``run_folder.load_training_checkpoint``): another network, a missing file, nothing left to do."""
+    from monai_multiad.run_folder import load_training_checkpoint
     from monai_multiad.workflow import build_datasets, build_loader, build_network, build_trainer
 
     last = next((industrial["run"] / "checkpoints").glob("last_checkpoint_*.pt"))
@@ -310,9 +322,10 @@ def test_resume_checks_the_checkpoint(industrial):
     loader = build_loader(build_datasets(cfg, "train")[0], cfg, True)
     trainer = build_trainer(cfg, build_network(cfg), loader, torch.device("cpu"))
     with pytest.raises(WeightsError, match="student_se=True"):
-        check_resume(last, cfg, training_objects(trainer))
+        load_training_checkpoint(last, trainer.checkpoint_objects(), {}, cfg)
     with pytest.raises(MultiADInputError, match="not found"):
-        check_resume(industrial["run"] / "nothing.pt", cfg, training_objects(trainer))
+        load_training_checkpoint(industrial["run"] / "nothing.pt", trainer.checkpoint_objects(), {}, cfg)
     same = RunConfig(dataset_dir=str(industrial["data"]), **TINY)
-    with pytest.raises(MultiADInputError, match="epoch"):  # 1 epoch done, epochs=1: nothing left to do
-        check_resume(last, same, training_objects(build_trainer(same, build_network(same), loader, "cpu")))
+    with pytest.raises(MultiADInputError, match="1 epoch.s. done.*--epochs"):  # epochs=1: nothing left to do
+        load_training_checkpoint(last, build_trainer(same, build_network(same), loader, "cpu").checkpoint_objects(),
+                                 {}, same)

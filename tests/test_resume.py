@@ -287,11 +287,12 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def bundle_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The industrial bundle's train.json, with its run options given at the top level, as ``multiad
+    train``'s are (``--epochs 2``)."""
     config = str(BUNDLES / "multiad_industrial" / "configs" / "train.json")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", "bundle_root",
-           "--dataset_dir", "data", "--device", "cpu", "--run_config#image_size", "64", "--run_config#batch_size",
-           "8", "--run_config#backbone", "resnet18", "--run_config#pretrained", "none", "--run_config#in_channels",
-           "1", *args]
+           "--dataset_dir", "data", "--device", "cpu", "--image_size", "64", "--batch_size", "8", "--backbone",
+           "resnet18", "--pretrained", "none", "--in_channels", "1", "--early_stop_patience", "0", *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
@@ -299,19 +300,26 @@ def bundle_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_bundle_resume_goes_on_from_the_checkpoint_and_keeps_the_best_record(work):
-    """The industrial bundle, 2 epochs, then ``--resume`` its last checkpoint (MONAI's
-    CheckpointLoader) to 3 epochs: training goes on from iteration 2 x epoch length, and the
-    best model's record of the best validation loss is carried over, never worse than before."""
-    bundle_train(work, "--run_config#epochs", "2")
-    ckpt = work / "bundle_root" / "models" / "checkpoints"
-    before = torch.load(ckpt / "best_model.pt", weights_only=True)["checkpointer"]
-    (best_before,) = [float(item[0]) for item in next(iter(before.values()))]
-    first = json.loads((work / "bundle_root" / "models" / "metrics.json").read_text())["training"]
-    assert first["epochs"] == 2
+    """The industrial bundle, 2 epochs, then ``--resume`` its last checkpoint to 3 epochs with a
+    learning rate too small to change a weight (as above): training goes on from iteration 2 x epoch
+    length, the log goes on, and the best-checkpoint record saved in the last checkpoint is carried
+    over, so epoch 3 (no better) does not replace the best checkpoint of epochs 1-2."""
+    bundle_train(work, "--epochs", "2")
+    models = work / "bundle_root" / "models"
+    (best_before,) = (models / "checkpoints").glob("best_checkpoint_*.pt")
+    (last,) = (models / "checkpoints").glob("last_checkpoint_*.pt")
+    assert "best_checkpointer" in torch.load(last, weights_only=True)  # the record travels with the checkpoint
+    first = json.loads((models / "metrics.json").read_text())["training"]
+    assert first["epochs"] == 2 and first["best_checkpoint"] == best_before.name
 
-    bundle_train(work, "--run_config#epochs", "3", "--resume", str(ckpt / "last_checkpoint_epoch=2.pt"))
-    summary = json.loads((work / "bundle_root" / "models" / "metrics.json").read_text())["training"]
+    bundle_train(work, "--epochs", "3", "--lr", "1e-12", "--resume", str(last.relative_to(work)))
+    summary = json.loads((models / "metrics.json").read_text())["training"]
     assert summary["epochs"] == 3 and summary["iterations"] == first["iterations"] // 2 * 3
-    after = torch.load(ckpt / "best_model.pt", weights_only=True)["checkpointer"]
-    (best_after,) = [float(item[0]) for item in next(iter(after.values()))]
-    assert best_after >= best_before  # -val_loss: the resumed run compared epoch 3 with epochs 1-2
+    rows = log_rows(models)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[2]["val_loss"]) >= min(float(r["val_loss"]) for r in rows[:2])  # the premise
+    assert [p.name for p in (models / "checkpoints").glob("best_checkpoint_*.pt")] == [best_before.name]
+    assert numbers(models, "last") == [summary["iterations"]]
+    best = best_student(models)
+    for k, v in student_state(models).items():
+        assert torch.equal(best[k], v), k  # model.pt is the best epoch's student
