@@ -263,9 +263,9 @@ def attach_run_handlers(
     if idist.get_world_size() > 1:
         validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(
             val_loss=float(idist.broadcast(e.state.metrics["val_loss"], src=0))))
-    if rank0:
-        validator.add_event_handler(Events.COMPLETED, best)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, last)  # after validation: holds this epoch's best
+    if rank0:  # a SIGTERM while a checkpoint is written takes effect once it is written whole
+        validator.add_event_handler(Events.COMPLETED, _uninterrupted(best))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, _uninterrupted(last))  # after validation: this epoch's best
     if early_stopping is not None:
         validator.add_event_handler(Events.COMPLETED, early_stopping)
     if max_steps > 0:
@@ -300,14 +300,41 @@ def resume_or_start(resume: str | Path | None, last: Checkpoint, best: Checkpoin
     return source
 
 
+#: SIGTERM while a checkpoint is written: how many such handlers run now, and whether one came meanwhile
+_deferral = {"depth": 0, "pending": False}
+
+
+def _uninterrupted(handler):
+    """``handler`` (a checkpoint) run with SIGTERM held back until it returns, so that the file is
+    written whole and recorded (a signal arriving mid-write would also break torch's write, EINTR)."""
+    def run(engine) -> None:
+        _deferral["depth"] += 1
+        try:
+            handler(engine)
+        finally:
+            _deferral["depth"] -= 1
+        if _deferral["pending"] and _deferral["depth"] == 0:
+            _deferral["pending"] = False
+            raise KeyboardInterrupt
+    return run
+
+
+def _sigterm(signum, frame) -> None:
+    if _deferral["depth"]:
+        _deferral["pending"] = True
+    else:
+        raise KeyboardInterrupt
+
+
 def run_training(trainer: MultiADTrainer) -> bool:
     """Run the trainer; Ctrl-C or SIGTERM (a scheduler's time limit) ends training early, after
     which the run is finished from the best completed epoch (:func:`finish_run`). Records
     ``trainer.state.interrupted`` and ``trainer.state.train_seconds``; returns whether it was interrupted."""
-    def _sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+        signal.siginterrupt(signal.SIGTERM, False)  # system calls under way resume rather than fail
+    _deferral.update(depth=0, pending=False)
     t0 = time.perf_counter()
     interrupted = False
     try:

@@ -10,8 +10,10 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -86,7 +88,7 @@ def two_runs(tmp_path_factory) -> dict:
     for cmd in commands.values():
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
         assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return {"cli": cwd / "cli_run", "bundle": cwd / "bundle_root" / "models"}
+    return {"cli": cwd / "cli_run", "bundle": cwd / "bundle_root" / "models", "cwd": cwd, "bundle_cmd": commands["bundle"]}
 
 
 def test_cli_and_bundle_write_the_same_run_folder(two_runs):
@@ -106,3 +108,23 @@ def test_cli_and_bundle_write_the_same_run_folder(two_runs):
     for a, b in zip(*logs):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
+
+
+def test_sigterm_finishes_a_bundle_run_from_the_best_epoch(two_runs):
+    """As ``multiad train`` (tests/test_resume.py): SIGTERM after two epochs ends training, the run is
+    finished from its best epoch (model.pt written, ``"interrupted": true``) and the command exits 0."""
+    cmd = [*two_runs["bundle_cmd"], "--epochs", "100", "--early_stop_patience", "0", "--bundle_root", "termed"]
+    proc = subprocess.Popen(cmd, cwd=two_runs["cwd"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    run_dir = two_runs["cwd"] / "termed" / "models"
+    t0 = time.monotonic()
+    while not ((run_dir / "log.csv").is_file() and len(_log(run_dir)) >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() - t0 < 300, "no two epochs in 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())["training"]
+    assert summary["interrupted"] is True and 2 <= summary["epochs"] < 100
+    assert (run_dir / "model.pt").is_file() and (run_dir / "checkpoints" / summary["best_checkpoint"]).is_file()
