@@ -172,21 +172,22 @@ class EpochLog:
     Rank 0 writes; every rank keeps the rows (``best_val_loss`` of the summary).
 
     ``attach(trainer, validator)``: losses summed over the trainer's iterations, a row written when
-    the validation engine completes (``validator.state.metrics["val_loss"]``)."""
+    the epoch completes, with ``validator.state.metrics["val_loss"]``: attach it after the handler
+    that runs the validation, so that the epoch's best checkpoint is written before its row."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
         self.run_dir, self.tensorboard = Path(run_dir).absolute(), tensorboard
         self.rows: list[dict] = []
         self.sums: dict[str, float] = {}
-        self.trainer, self.writer, self.started = None, None, time.perf_counter()
+        self.validator, self.writer, self.started = None, None, time.perf_counter()
 
     def attach(self, trainer, validator) -> None:
         from ignite.engine import Events
 
-        self.trainer = trainer
+        self.validator = validator
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        validator.add_event_handler(Events.COMPLETED, self)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def resume(self, log_file: Path, epochs: int) -> None:
         """Go on from a resumed run's ``log.csv``: its rows up to ``epochs`` (:func:`previous_log_rows`)."""
@@ -200,13 +201,14 @@ class EpochLog:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.sums["_n"] = self.sums.get("_n", 0) + 1
 
-    def __call__(self, validator) -> None:
+    def __call__(self, trainer) -> None:
         import ignite.distributed as idist
 
-        epoch = self.trainer.state.epoch
+        epoch = trainer.state.epoch
         n = max(self.sums.pop("_n", 1), 1)
         row = {"epoch": epoch, **{k: v / n for k, v in self.sums.items()}}
-        row.update(val_loss=validator.state.metrics["val_loss"], seconds=round(time.perf_counter() - self.started, 2))
+        row.update(val_loss=self.validator.state.metrics["val_loss"],
+                   seconds=round(time.perf_counter() - self.started, 2))
         self.rows.append(row)
         self.sums = {}
         if idist.get_rank() != 0:

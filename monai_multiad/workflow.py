@@ -257,8 +257,8 @@ def attach_run_handlers(
     ``max_steps`` > 0 ends training after that many iterations; ``progress`` shows a bar on a terminal."""
     rank0 = idist.get_rank() == 0
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
-    log.attach(trainer, validator)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: validator.run(val_loader))
+    log.attach(trainer, validator)  # the epoch's row once it is validated and its best checkpoint written
     recalibration.attach(validator)  # eval mode must see the student that was trained (BatchNorm statistics)
     if idist.get_world_size() > 1:
         validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(
