@@ -313,7 +313,7 @@ def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, 
         dev = resolve_device(device)
         network, cfg, _ = load_model(run_dir, dev)
         scores = []
-        for r in score_images(network, cfg, found, dev):
+        for r in score_images(network, cfg, found, dev, images=False):
             if "error" in r:
                 raise MultiADInputError(r["error"])
             scores.append(r["score"])

@@ -258,22 +258,42 @@ def _collect_images(inputs: list[str | Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def score_images(network, cfg: RunConfig, paths: list[Path], device) -> Iterator[dict]:
+def score_images(network, cfg: RunConfig, paths: list[Path], device, batch_size: int | None = None,
+                 images: bool = True) -> Iterator[dict]:
     """Score each image file as ``predict`` does (read at ``cfg.in_channels``, resized to the network's
-    size): yields ``{"path", "image" (C, H, W), "map" (H, W) at the image's own size, "score"}``, or
-    ``{"path", "error"}`` for an image that cannot be read. Also what ``multiad calibrate`` scores."""
-    from monai_multiad.data.images import read_image, resize_image, restore_size
+    size): yields, in the order of ``paths``, ``{"path", "image" (C, H, W) float in [0, 1] (only with
+    ``images``), "map" (H, W) at the image's own size, "score"}``, or ``{"path", "error"}`` for an image
+    that cannot be read. Also what ``multiad calibrate`` scores.
 
-    for path in paths:
-        try:
-            image = read_image(path, channels=cfg.in_channels)
-        except MultiADInputError as e:
-            yield {"path": str(path), "error": str(e)}
-            continue
-        x = resize_image(torch.from_numpy(image), (cfg.image_size, cfg.image_size))[None].to(device)
-        amap, score = network(x.clamp(0, 1))
-        full = np.asarray(restore_size(amap[0].cpu(), image.shape[-2:]))[0]
-        yield {"path": str(path), "image": image, "map": full, "score": float(score[0])}
+    Files are decoded on the CPU and sent at their own size and dtype (uint8, uint16...); scaling,
+    channel conversion and both resizes run on ``device``
+    (:class:`~monai_multiad.data.preprocess.DevicePreprocessor`), ``batch_size`` images (default: the
+    run's) per network pass.
+    """
+    from monai_multiad.data.images import read_image_array, unit_image
+    from monai_multiad.data.preprocess import DevicePreprocessor
+
+    prep = DevicePreprocessor(cfg.image_size, cfg.in_channels, device)
+    step = max(1, int(batch_size or cfg.batch_size))
+    for start in range(0, len(paths), step):
+        chunk = paths[start:start + step]
+        read: list[dict] = []
+        for path in chunk:
+            try:
+                read.append({"path": str(path), "array": read_image_array(path)})
+            except MultiADInputError as e:
+                read.append({"path": str(path), "error": str(e)})
+        ok = [r for r in read if "array" in r]
+        if ok:
+            amap, score = network(prep([r["array"] for r in ok]))
+            maps = prep.restore(amap, [r["array"].shape[:2] for r in ok])
+            for r, m, s in zip(ok, maps, score.float().cpu().tolist()):
+                r.update(map=m, score=float(s))
+        for r in read:
+            array = r.pop("array", None)
+            if array is not None and images:
+                r["image"] = unit_image(array, cfg.in_channels)
+            yield r
 
 
 def _image_threshold(run_dir, cfg: RunConfig, fusion: dict):

@@ -32,6 +32,8 @@ from monai_multiad.errors import MultiADInputError, input_error
 __all__ = [
     "IMAGE_EXTENSIONS",
     "read_image",
+    "read_image_array",
+    "unit_image",
     "read_mask",
     "resize_image",
     "to_channels",
@@ -205,6 +207,26 @@ def to_channels(image: np.ndarray, in_channels: int | None) -> np.ndarray:
     raise input_error(None, f"cannot convert an image with {c} channels to {in_channels} channels")
 
 
+def read_image_array(path) -> np.ndarray:
+    """Read PNG/JPEG/TIFF/BMP to ``(H, W, C)`` in the file's own dtype (uint8, uint16, float...),
+    C 1 (gray) or 3 (RGB): alpha dropped, palette images made RGB. What :func:`read_image` scales;
+    :class:`~monai_multiad.data.preprocess.DevicePreprocessor` sends it as it is to the device.
+
+    Raises MultiADInputError as :func:`read_image` does.
+    """
+    arr = _drop_alpha(_read_raw(path))
+    if arr.shape[-1] not in (1, 3):
+        raise input_error(path, f"cannot read image: expected 1 (gray) or 3 (RGB) channels, found {arr.shape[-1]}")
+    return arr
+
+
+def unit_image(arr: np.ndarray, channels: int | None = None) -> np.ndarray:
+    """``(H, W, C)`` array of any dtype (:func:`read_image_array`) -> float32 ``(C, H, W)`` in [0, 1],
+    with ``channels`` as in :func:`read_image`."""
+    img = np.ascontiguousarray(np.moveaxis(_to_unit_float(arr), -1, 0))
+    return to_channels(img, channels)
+
+
 def read_image(path, channels: int | None = None) -> np.ndarray:
     """Read PNG/JPEG/TIFF/BMP to float32 ``(C, H, W)`` in [0, 1].
 
@@ -216,11 +238,7 @@ def read_image(path, channels: int | None = None) -> np.ndarray:
     Raises MultiADInputError ``"<path>: cannot read image: <reason>"`` for a missing,
     unreadable or truncated file.
     """
-    arr = _drop_alpha(_read_raw(path))
-    if arr.shape[-1] not in (1, 3):
-        raise input_error(path, f"cannot read image: expected 1 (gray) or 3 (RGB) channels, found {arr.shape[-1]}")
-    img = np.ascontiguousarray(np.moveaxis(_to_unit_float(arr), -1, 0))
-    return to_channels(img, channels)
+    return unit_image(read_image_array(path), channels)
 
 
 def read_mask(path) -> np.ndarray:

@@ -1,0 +1,195 @@
+"""Images in, network input out, on the network's device; anomaly maps back at each image's own size.
+
+:class:`DevicePreprocessor` takes decoded images as they come from the file
+(:func:`~monai_multiad.data.images.read_image_array`: ``(H, W, C)`` uint8, uint16, int16, float...,
+at the source size) and does on the model's device what :func:`~monai_multiad.data.images.read_image`
+and :func:`~monai_multiad.data.images.resize_image` do on the CPU: scale to [0, 1] by the dtype's
+maximum, gray <-> RGB, bilinear anti-aliased resize, clamp. Only the source bytes cross the bus
+(a uint8 image is a quarter of its float32 copy), staged in one page-locked buffer that is reused
+from call to call and copied without blocking on CUDA. Images of one shape and dtype are converted
+and resized together, in one kernel each. The same operations, in the same order, run on the CPU
+when the device is the CPU, so the maps are those of the CPU path (``tests/test_preprocess_device.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from monai_multiad.data.images import _LUMA, _hw, _to_unit_float
+
+__all__ = ["DevicePreprocessor"]
+
+# dtypes that cross the bus as they are (uint16 as int16 bits, widened on the device)
+_SENT_AS_IS = {np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32),
+               np.dtype(np.bool_), np.dtype(np.float16), np.dtype(np.float32)}
+_ALIGN = 64  # bytes between images in the staging buffer
+
+
+class _PinnedStaging:
+    """One page-locked host buffer, grown when a batch needs more, never allocated per call. Before it
+    is overwritten, the copy of the previous call is waited for (a CUDA event). ``pin=False`` (tests
+    on machines without CUDA) stages in ordinary memory."""
+
+    def __init__(self, pin: bool = True) -> None:
+        self.pin = pin
+        self.buffer: torch.Tensor | None = None
+        self.event = None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=self.pin)
+        return self.buffer
+
+    def done(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device))
+
+
+class DevicePreprocessor:
+    """Source images -> ``(B, in_channels, *image_size)`` float32 in [0, 1] on ``device``; maps -> source size.
+
+    Args:
+        image_size: the network's input size, int or (H, W).
+        in_channels: 1 or 3 (gray <-> RGB as :func:`~monai_multiad.data.images.to_channels`), or
+            ``None`` to keep each image's own (then all images of a call must agree).
+        device: where the network runs.
+        pin_memory: stage host copies in page-locked memory (default: on CUDA).
+
+    Integer images are divided by their dtype's maximum (uint8 / 255, uint16 / 65535; signed ones
+    clipped at 0), floats have NaN set to 0 and are clipped to [0, 1], as
+    :func:`~monai_multiad.data.images.read_image` does. uint32 and 64-bit images, rare, are scaled
+    on the CPU and sent as float32.
+    """
+
+    def __init__(self, image_size, in_channels: int | None, device: torch.device | str,
+                 pin_memory: bool | None = None) -> None:
+        self.size = _hw(image_size)
+        self.in_channels = in_channels
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        self._luma = torch.as_tensor(_LUMA, device=self.device)  # built once
+        self._staging = _PinnedStaging() if self.pin_memory else None
+
+    # ------------------------------------------------------------------ host -> device
+
+    @staticmethod
+    def _sendable(arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.dtype in _SENT_AS_IS:
+            return arr
+        if arr.dtype == np.float64:
+            return arr.astype(np.float32)  # read_image's own first step
+        return _to_unit_float(arr)  # uint32, int64, uint64: scaled here, sent as float32 in [0, 1]
+
+    def _upload(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
+        """Each group of equally shaped arrays -> one ``(n, H, W, C)`` tensor on the device (uint16 as
+        int16: the same bits, in a dtype every torch kernel knows)."""
+        groups = [[a.view(np.int16) if a.dtype == np.uint16 else a for a in g] for g in groups]
+        if self._staging is None:
+            out = []
+            for g in groups:
+                t = torch.from_numpy(np.ascontiguousarray(g[0])[None] if len(g) == 1 else np.stack(g))
+                out.append(t.to(self.device, non_blocking=True))
+            return out
+        sizes = [len(g) * g[0].nbytes for g in groups]
+        offsets = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes])
+        buf = self._staging.take(int(offsets[-1]))
+        views = []
+        for g, off, n in zip(groups, offsets, sizes):
+            view = buf[int(off): int(off) + n].view(torch.from_numpy(g[0][:0]).dtype).view(len(g), *g[0].shape)
+            np.stack(g, out=view.numpy())  # the only host copy: into the pinned buffer
+            views.append(view)
+        end = int(offsets[-1])
+        on_device = buf[:end].to(self.device, non_blocking=True)  # one transfer for the whole batch
+        self._staging.done(self.device)
+        return [on_device[int(off): int(off) + n].view(v.dtype).view(v.shape)
+                for v, off, n in zip(views, offsets, sizes)]
+
+    # ------------------------------------------------------------------ on the device
+
+    def _unit(self, t: torch.Tensor, dtype: np.dtype) -> tuple[torch.Tensor, float]:
+        """(n, H, W, C) as sent -> (float32 (n, C, H, W), divisor): ``x / divisor`` is ``images._to_unit_float``'s
+        [0, 1] image. Unsigned images are divided after the resize (on a quarter of the pixels at 2x
+        down; resize and gray <-> RGB are linear, so only float rounding, ~1e-7, tells the two apart);
+        signed and float ones are scaled and clipped first, as clipping does not commute with resizing."""
+        t = t.permute(0, 3, 1, 2).contiguous()  # source bytes, before they grow to float32
+        if dtype == np.uint16:  # sent as int16
+            return t.to(torch.int32).bitwise_and_(0xFFFF).float(), 65535.0
+        if dtype == np.bool_ or dtype.kind == "u":
+            return t.float(), float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0
+        if dtype.kind == "i":
+            return t.float().div_(float(np.iinfo(dtype).max)).clamp_(0.0, 1.0), 1.0
+        return torch.nan_to_num(t.float(), nan=0.0).clamp_(0.0, 1.0), 1.0
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        c, want = x.shape[1], self.in_channels
+        if want is None or c == want:
+            return x
+        if c == 1 and want == 3:
+            return x.repeat(1, 3, 1, 1)
+        if c == 3 and want == 1:
+            return torch.tensordot(self._luma, x, dims=([0], [1]))[:, None]
+        raise ValueError(f"cannot convert an image with {c} channels to {want} channels")
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(H, W, C)`` or ``(H, W)`` arrays (sizes and dtypes may differ) -> the network's input batch."""
+        arrays = [self._sendable(a) for a in images]
+        if not arrays:
+            raise ValueError("no images to preprocess")
+        keys: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrays):
+            keys.setdefault((a.shape, a.dtype.str), []).append(i)
+        groups = list(keys.values())
+        sent = self._upload([[arrays[i] for i in idx] for idx in groups])
+        out = None
+        for idx, t in zip(groups, sent):
+            x, divisor = self._unit(t, arrays[idx[0]].dtype)
+            if x.shape[1] == 3:  # RGB -> gray before resizing, gray -> RGB after: the same values, less work
+                x = self._channels(x)
+            if tuple(x.shape[-2:]) != self.size:  # a same-size antialiased resize is the identity
+                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            if divisor != 1.0:
+                x = x.div_(divisor)
+            x = self._channels(x.clamp_(0.0, 1.0))
+            if len(groups) == 1:
+                return x
+            if out is None:
+                out = torch.empty((len(arrays), x.shape[1], *self.size), dtype=x.dtype, device=self.device)
+            for j, i in enumerate(idx):
+                out[i] = x[j]
+        return out
+
+    # ------------------------------------------------------------------ device -> host
+
+    @torch.no_grad()
+    def restore(self, maps: torch.Tensor, sizes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """``(B, 1, h, w)`` maps on the device -> one float32 ``(H_i, W_i)`` numpy map per image, resized
+        (bilinear, anti-aliased when shrinking, as :func:`~monai_multiad.data.images.restore_size`) on
+        the device and brought back in one copy."""
+        sizes = [(int(h), int(w)) for h, w in sizes]
+        if len(sizes) != maps.shape[0]:
+            raise ValueError(f"{len(sizes)} sizes for {maps.shape[0]} maps")
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, hw in enumerate(sizes):
+            by_size.setdefault(hw, []).append(i)
+        flat: list[torch.Tensor | None] = [None] * len(sizes)
+        for hw, idx in by_size.items():
+            m = (maps if len(by_size) == 1 else torch.cat([maps[i: i + 1] for i in idx])).float()
+            if tuple(m.shape[-2:]) != hw:
+                m = F.interpolate(m, size=hw, mode="bilinear", align_corners=False, antialias=True)
+            for j, i in enumerate(idx):
+                flat[i] = m[j, 0].reshape(-1)
+        host = torch.cat(flat).cpu().numpy() if len(flat) > 1 else flat[0].cpu().numpy()
+        ends = np.cumsum([h * w for h, w in sizes])
+        return [part.reshape(hw) for part, hw in zip(np.split(host, ends[:-1]), sizes)]
