@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 WEIGHTS_NOTE = "efficientnet_lite0: real ImageNet weights; others: random weights (speed does not depend on weight values)"
 
@@ -108,13 +107,11 @@ def memory_method(device: str) -> str:
             "process (with --isolate); reused allocator memory is not counted again")
 
 
-def preprocess(images: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
-    """uint8 (H, W, C) images -> float (B, C, size, size) in [0, 1] on ``device`` (antialiased resize)."""
-    x = torch.from_numpy(np.stack(images)).to(device, non_blocking=True)  # uint8 crosses the bus: 4x less
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp_(0.0, 1.0)
+def preprocessor(size: int, device: torch.device):
+    """What ``multiad predict`` uses: uint8 H x W x C images sent as they are, scaled and resized on ``device``."""
+    from monai_multiad.data.preprocess import DevicePreprocessor
+
+    return DevicePreprocessor(size, 3, device)
 
 
 def build_model(backbone: str, device: torch.device):
@@ -123,9 +120,38 @@ def build_model(backbone: str, device: torch.device):
     return MultiAD(backbone, in_channels=3, pretrained=backbone == "efficientnet_lite0").to(device).eval()
 
 
-def bench_images(job: dict) -> dict:
+def trainer_step_times(model, x, opt, d_opt, adversarial_weight: float, device: torch.device, amp: bool,
+                       warmup: int, repeats: int, memory: PeakMemory | None = None) -> list[float]:
+    """Seconds of ``repeats`` ``MultiADTrainer`` iterations on the batch ``x`` after a first (memory) step and
+    ``warmup`` untimed ones. ``d_opt=None`` or weight 0: the default training, without discriminator."""
+    from ignite.engine import Events
+
     from monai_multiad.engines.trainer import MultiADTrainer
 
+    steps = warmup + max(repeats, 1) + 1
+    trainer = MultiADTrainer(device, 1, [{"image": x}] * steps, model, opt, d_opt,
+                             adversarial_weight=adversarial_weight, epoch_length=steps, amp=amp)
+    times: list[float] = []
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _start(engine):
+        _sync(device)
+        if engine.state.iteration == 1 and memory is not None:
+            memory.__enter__()
+        engine.state.t0 = time.perf_counter()
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _end(engine):
+        _sync(device)
+        times.append(time.perf_counter() - engine.state.t0)
+        if engine.state.iteration == 1 and memory is not None:
+            memory.__exit__()
+
+    trainer.run()
+    return times[1 + warmup:]  # the first (memory) step and the warm-up are untimed
+
+
+def bench_images(job: dict) -> dict:
     device, b, size = torch.device(job["device"]), job["batch_size"], job["image_size"]
     amp = bool(job["amp"]) and device.type == "cuda"
     torch.manual_seed(0)
@@ -133,14 +159,15 @@ def bench_images(job: dict) -> dict:
     rng = np.random.default_rng(0)
     src = job["source_size"]
     images = [rng.integers(0, 256, (src, src, 3), dtype=np.uint8) for _ in range(b)]
+    prep = preprocessor(size, device)
 
     @torch.no_grad()
     def pipeline():
         with torch.autocast(device.type, enabled=amp):
-            amap, score = model(preprocess(images, size, device))
+            amap, score = model(prep(images))
         return amap.float().cpu().numpy(), score.float().cpu().numpy()
 
-    xn = model.normalize(preprocess(images, size, device))
+    xn = model.normalize(prep(images))
 
     @torch.no_grad()
     def bare():
@@ -153,31 +180,11 @@ def bench_images(job: dict) -> dict:
     t_bare = timed(bare, device, job["warmup"], job["repeats"])
 
     x = torch.rand(b, 3, size, size)
-    steps = job["warmup"] + max(job["repeats"], 1) + 1
     opt = torch.optim.Adam(model.student.parameters(), lr=1e-3, weight_decay=1e-5)
     d_opt = torch.optim.Adam(model.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.999))
-    trainer = MultiADTrainer(device, 1, [{"image": x}] * steps, model, opt, d_opt, adversarial_weight=0.1,
-                             epoch_length=steps, amp=amp)
-    step_times: list[float] = []
     mem_train = PeakMemory(device)
-    from ignite.engine import Events
-
-    @trainer.on(Events.ITERATION_STARTED)
-    def _start(engine):
-        _sync(device)
-        if engine.state.iteration == 1:
-            mem_train.__enter__()
-        engine.state.t0 = time.perf_counter()
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _end(engine):
-        _sync(device)
-        step_times.append(time.perf_counter() - engine.state.t0)
-        if engine.state.iteration == 1:
-            mem_train.__exit__()
-
-    trainer.run()
-    t_train = statistics.median(step_times[1 + job["warmup"]:])  # the first (memory) step is untimed
+    step_times = trainer_step_times(model, x, opt, d_opt, 0.1, device, amp, job["warmup"], job["repeats"], mem_train)
+    t_train = statistics.median(step_times)
     return {
         "backbone": job["backbone"], "batch_size": b, "device": job["device"], "amp": amp,
         "weights": "imagenet" if job["backbone"] == "efficientnet_lite0" else "random",
@@ -230,11 +237,163 @@ def bench_volume(job: dict) -> dict:
             "ratio": e2e / t_bare if screened else None, "slices_per_s": n / e2e, "files": files}
 
 
+COST_PARTS = ("teacher_forward_ms", "student_forward_ms", "student_step_ms", "discriminator_ms")
+
+
+def bench_train_cost(job: dict) -> dict:
+    """What one training step costs, part by part, at ``cost_batch_size`` x ``cost_size`` px.
+
+    * ``teacher_forward_ms``: the frozen teacher's forward (no gradient);
+    * ``student_forward_ms``: the student's forward in training mode (graph recorded), alone;
+    * ``student_step_ms``: student forward + distillation loss + backward + Adam step (teacher features given);
+    * ``discriminator_ms``: what the discriminator adds when on: the adversarial term's forward and backward
+      (into the student's stage-4 features) and the discriminator's own loss, backward and Adam step;
+    * ``step_ms`` / ``step_with_discriminator_ms``: whole ``MultiADTrainer`` iterations, discriminator off (the
+      default) and on (the paper's), so the parts can be checked against the whole.
+
+    ``variant``: ``eager``; ``channels_last`` (model and batch in channels-last memory format);
+    ``compile`` (teacher and student through ``torch.compile``; the discriminator stays eager, as its
+    ``requires_grad`` switch would recompile it). The non-eager variants run on CUDA only unless
+    ``cpu_variants`` (CPU inductor compiles for minutes on a small machine).
+    """
+    from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss
+    from monai_multiad.networks import MultiAD
+
+    device, b, size, variant = torch.device(job["device"]), job["cost_batch_size"], job["cost_size"], job["variant"]
+    row = {"backbone": job["backbone"], "device": job["device"], "batch_size": b, "image_size": size,
+           "variant": variant}
+    if variant != "eager" and device.type != "cuda" and not job.get("cpu_variants"):
+        return {**row, "status": "skipped on CPU: measured on CUDA only (--cpu-variants to measure it here)"}
+    amp = bool(job["amp"]) and device.type == "cuda"
+    torch.manual_seed(0)
+    model = MultiAD(job["backbone"], in_channels=3, pretrained=job["backbone"] == "efficientnet_lite0",
+                    discriminator=True).to(device).train()
+    fmt = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    if variant == "compile":
+        model.teacher, model.student = torch.compile(model.teacher), torch.compile(model.student)
+    teacher, student, disc = model.teacher, model.student, model.discriminator
+    x = torch.rand(b, 3, size, size, device=device).contiguous(memory_format=fmt)
+    xn = model.normalize(x)
+    distill, adversarial, disc_loss = DistillationLoss(), AdversarialLoss(), DiscriminatorLoss()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3, weight_decay=1e-5)
+    d_opt = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.999))
+
+    def autocast():
+        return torch.autocast(device.type, enabled=amp)
+
+    @torch.no_grad()
+    def teacher_forward():
+        with autocast():
+            return teacher(xn)
+
+    t_feats = teacher_forward()
+
+    def student_forward():
+        with autocast():
+            return student(xn)
+
+    def student_step():
+        with autocast():
+            loss = distill(t_feats, student(xn))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad(), autocast():
+        s_top = student(xn)[-1].detach()
+
+    def discriminator():
+        s = s_top.clone().requires_grad_(True)  # stands for the student's graph: the gradient stops here
+        disc.requires_grad_(False)
+        with autocast():
+            adv = adversarial(disc, s)
+        (0.1 * adv).backward()
+        disc.requires_grad_(True)
+        with autocast():
+            d = disc_loss(disc, t_feats[-1], s)
+        d_opt.zero_grad(set_to_none=True)
+        d.backward()
+        d_opt.step()
+
+    warmup, repeats = job["warmup"], job["repeats"]
+    t0 = time.perf_counter()
+    for fn in (teacher_forward, student_forward, student_step, discriminator):  # compiles here, untimed
+        fn()
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    parts = {name: 1000 * timed(fn, device, warmup, repeats) for name, fn in
+             zip(COST_PARTS, (teacher_forward, student_forward, student_step, discriminator))}
+    off = statistics.median(trainer_step_times(model, x, opt, None, 0.0, device, amp, warmup, repeats))
+    on = statistics.median(trainer_step_times(model, x, opt, d_opt, 0.1, device, amp, warmup, repeats))
+    return {**row, "status": "ok", "amp": amp, **parts,
+            "step_ms": 1000 * off, "step_with_discriminator_ms": 1000 * on,
+            "discriminator_share_of_step": (on - off) / on,
+            "parts_sum_ms": parts["teacher_forward_ms"] + parts["student_step_ms"],
+            "parts_sum_with_discriminator_ms": (parts["teacher_forward_ms"] + parts["student_step_ms"]
+                                                + parts["discriminator_ms"]),
+            "first_pass_s": first_s, "train_images_per_s": b / off}
+
+
+PEER_MISSING = "anomalib is not installed: --peer skipped (pip install anomalib to time its STFPM beside Multi-AD)"
+
+
+def peer_model(size: int):
+    """anomalib's STFPM (``STFPMModel``) on timm's ``efficientnet_lite0``, its four stages at strides 4, 8, 16
+    and 32 as ours, random weights (timm would download ImageNet weights; speed does not depend on them)."""
+    import timm
+
+    try:
+        from anomalib.models.image.stfpm.torch_model import STFPMModel  # anomalib >= 1.0
+    except ImportError:
+        from anomalib.models.stfpm.torch_model import STFPMModel  # anomalib 0.x
+    probe = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True)
+    layers = [i["module"] for i in probe.feature_info.info if i["reduction"] in (4, 8, 16, 32)]
+    create = timm.create_model
+    timm.create_model = lambda *a, **k: create(*a, **{**k, "pretrained": False})
+    try:
+        kwargs = {"layers": layers, "backbone": "efficientnet_lite0"}
+        if "input_size" in inspect.signature(STFPMModel).parameters:
+            kwargs["input_size"] = (size, size)
+        return STFPMModel(**kwargs), layers
+    finally:
+        timm.create_model = create
+
+
+def bench_peer(job: dict) -> dict:
+    """Eval forward of anomalib's STFPM and of Multi-AD (both Lite0, same batch, same threads): networks,
+    maps and score. Ratio = ours / STFPM (at most 1: ours is not slower)."""
+    device, b, size = torch.device(job["device"]), job["batch_size"], job["image_size"]
+    amp = bool(job["amp"]) and device.type == "cuda"
+    torch.manual_seed(0)
+    ours = build_model("efficientnet_lite0", device)
+    peer, layers = peer_model(size)
+    peer = peer.to(device).eval()
+    x = torch.rand(b, 3, size, size, device=device)
+
+    def run(model):
+        @torch.no_grad()
+        def fn():
+            with torch.autocast(device.type, enabled=amp):
+                return model(x)
+        return fn
+
+    t_ours = timed(run(ours), device, job["warmup"], job["repeats"])
+    t_peer = timed(run(peer), device, job["warmup"], job["repeats"])
+    import anomalib
+
+    return {"device": job["device"], "batch_size": b, "image_size": size, "amp": amp, "status": "ok",
+            "anomalib": anomalib.__version__, "stfpm_layers": layers, "ours_ms": 1000 * t_ours,
+            "stfpm_ms": 1000 * t_peer, "ratio": t_ours / t_peer}
+
+
 def run_job(job: dict) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or threads)
     try:
-        return bench_volume(job) if job["kind"] == "volume" else bench_images(job)
+        kinds = {"volume": bench_volume, "images": bench_images, "train_cost": bench_train_cost, "peer": bench_peer}
+        return kinds[job["kind"]](job)
     finally:
         torch.set_num_threads(threads)
 
@@ -270,28 +429,63 @@ def metadata(args) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["meta"]
+    sizes = (f"{m['image_size']} px from {m['source_size']} px uint8 images; "
+             if report["results"] or report["volume"] else "")
+    load = [[round(x, 1) for x in m.get(k) or []] for k in ("load_average_at_start", "load_average_at_end")]
     lines = [f"# Multi-AD speed ({m['date']})", "",
              f"torch {m['torch']}, monai {m['monai']}, CPU: {m['cpu']} ({m['torch_threads']} threads), "
-             f"CUDA: {m['cuda_device'] or 'none'}; {m['image_size']} px from {m['source_size']} px uint8 images; "
-             f"median of {m['repeats']} after {m['warmup']} warm-up; {m['weights']}.", "",
-             "| backbone | device | batch | pipeline img/s | bare img/s | pipeline / bare | train img/s "
-             "| inference peak MiB | train peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        if "pipeline_ms" not in r:
-            lines.append(f"| {r['backbone']} | {r['device']} | {r['batch_size']} | {r.get('status')} |" + " |" * 5)
-            continue
-        lines.append(f"| {r['backbone']} | {r['device']} | {r['batch_size']} | {r['pipeline_images_per_s']:.2f} | "
-                     f"{r['bare_images_per_s']:.2f} | {r['overhead_ratio']:.3f} | {r['train_images_per_s']:.2f} | "
-                     f"{r['inference_peak_mb']:.0f} | {r['train_peak_mb']:.0f} |")
-    lines += ["", "Memory: " + "; ".join(f"{d}: {v}" for d, v in m["memory"].items()), "",
-              "| volume screening | device | slices (screened) | end to end s | bare networks s | ratio | status |",
-              "|---|---|---|---|---|---|---|"]
-    for v in report["volume"]:
-        ok = v.get("status") == "ok"
-        cells = f"{v['end_to_end_s']:.2f} | {v['model_s']:.2f} | {v['ratio'] or 0:.2f}" if ok else " | | "
-        n = f"{v.get('slices', v.get('volume_slices'))} ({v.get('screened_slices', '-')})"
-        lines.append(f"| {v['backbone']} | {v['device']} | {n} | {cells} | {v.get('status')} |")
-    return "\n".join(lines) + "\n"
+             f"CUDA: {m['cuda_device'] or 'none'}; {sizes}median of {m['repeats']} after {m['warmup']} warm-up; "
+             f"{m['weights']}; load average (1, 5, 15 min) {load[0]} at start, {load[1]} at end.", ""]
+    if report["results"]:
+        lines += ["| backbone | device | batch | pipeline img/s | bare img/s | pipeline / bare | train img/s "
+                  "| inference peak MiB | train peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["results"]:
+            if "pipeline_ms" not in r:
+                lines.append(f"| {r['backbone']} | {r['device']} | {r['batch_size']} | {r.get('status')} |" + " |" * 5)
+                continue
+            lines.append(f"| {r['backbone']} | {r['device']} | {r['batch_size']} | {r['pipeline_images_per_s']:.2f} | "
+                         f"{r['bare_images_per_s']:.2f} | {r['overhead_ratio']:.3f} | {r['train_images_per_s']:.2f} | "
+                         f"{r['inference_peak_mb']:.0f} | {r['train_peak_mb']:.0f} |")
+        lines += ["", "Memory: " + "; ".join(f"{d}: {v}" for d, v in m["memory"].items()), ""]
+    if report["volume"]:
+        lines += ["| volume screening | device | slices (screened) | end to end s | bare networks s | ratio | status |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in report["volume"]:
+            ok = v.get("status") == "ok"
+            cells = f"{v['end_to_end_s']:.2f} | {v['model_s']:.2f} | {v['ratio'] or 0:.2f}" if ok else " | | "
+            n = f"{v.get('slices', v.get('volume_slices'))} ({v.get('screened_slices', '-')})"
+            lines.append(f"| {v['backbone']} | {v['device']} | {n} | {cells} | {v.get('status')} |")
+        lines.append("")
+    if report.get("train_cost"):
+        lines += ["Training cost per step (ms; teacher features given to the student step; discriminator = adversarial "
+                  "term + its own loss, backward and step; steps are whole MultiADTrainer iterations):", "",
+                  "| backbone | device | px | batch | variant | teacher fwd | student fwd | student fwd+bwd+step "
+                  "| discriminator | step (D off) | step (D on) | D share of step | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["train_cost"]:
+            px, b = r.get("cost_size", r.get("image_size")), r.get("cost_batch_size", r.get("batch_size"))
+            head = f"| {r['backbone']} | {r['device']} | {px} | {b} | {r['variant']} |"
+            if r.get("status") != "ok":
+                lines.append(head + " |" * 7 + f" {r.get('status')} |")
+                continue
+            cells = " | ".join(f"{r[k]:.1f}" for k in (*COST_PARTS, "step_ms", "step_with_discriminator_ms"))
+            lines.append(f"{head} {cells} | {100 * r['discriminator_share_of_step']:.0f} % | ok |")
+        lines.append("")
+    if report.get("peer"):
+        lines += ["| peer: anomalib STFPM vs Multi-AD (Lite0, eval forward) | device | batch | px | Multi-AD ms "
+                  "| STFPM ms | Multi-AD / STFPM |", "|---|---|---|---|---|---|---|"]
+        for r in report["peer"]:
+            if r.get("status") != "ok":
+                lines.append(f"| {r.get('status')} | {r['device']} | {r['batch_size']} | | | | |")
+                continue
+            lines.append(f"| anomalib {r['anomalib']} | {r['device']} | {r['batch_size']} | {r['image_size']} | "
+                         f"{r['ours_ms']:.1f} | {r['stfpm_ms']:.1f} | {r['ratio']:.3f} |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+MODES = ("pipeline", "volume", "train-cost")
+COST_VARIANTS = ("eager", "channels_last", "compile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -310,6 +504,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-volume", dest="volume", action="store_false", help="skip volume screening")
     p.add_argument("--volume-slices", type=int, default=155)
     p.add_argument("--volume-batch-size", type=int, default=32)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="pipeline: inference pipeline vs bare networks (and a training step); volume: screening\n"
+                        "one NIfTI volume; train-cost: a training step part by part (teacher, student,\n"
+                        "discriminator) at --cost-batch-size and each of --cost-sizes")
+    p.add_argument("--cost-batch-size", type=int, default=16)
+    p.add_argument("--cost-sizes", nargs="+", type=int, default=[256, 128])
+    p.add_argument("--cost-variants", nargs="+", choices=COST_VARIANTS, default=list(COST_VARIANTS),
+                   help="eager; channels_last; compile (torch.compile of teacher and student). The last two\n"
+                        "run on CUDA only unless --cpu-variants")
+    p.add_argument("--cpu-variants", action="store_true", help="measure channels_last / compile on the CPU too")
+    p.add_argument("--peer", action="store_true",
+                   help="only: anomalib's STFPM (timm efficientnet_lite0) beside Multi-AD's Lite0, eval forward,\n"
+                        "same inputs and threads, at --batch-sizes x --image-size; needs anomalib installed\n"
+                        "(without it: one line, exit status 0)")
     p.add_argument("--out", default="results.json")
     p.add_argument("--markdown", default="results.md")
     p.add_argument("--_job", help=argparse.SUPPRESS)
@@ -317,7 +525,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = min(args.repeats, 3), min(args.warmup, 1)
+    if not args.volume:
+        args.modes = [m for m in args.modes if m != "volume"]
     return args
+
+
+def peer_available() -> bool:
+    import importlib
+
+    try:
+        for name in ("anomalib", "timm"):
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def main(argv=None) -> dict:
@@ -325,21 +546,38 @@ def main(argv=None) -> dict:
     if args._job:  # a child process of --isolate
         Path(args._result).write_text(json.dumps(run_job(json.loads(args._job))))
         return {}
+    if args.peer and not peer_available():
+        print(PEER_MISSING)
+        return {}
     devices = [d for d in args.devices if not d.startswith("cuda") or torch.cuda.is_available()]
     skipped = sorted(set(args.devices) - set(devices))
     common = {k: getattr(args, k) for k in ("image_size", "source_size", "repeats", "warmup", "amp", "threads",
-                                             "volume_slices", "volume_batch_size")}
-    report = {"meta": {**metadata(args), "skipped_devices": skipped}, "results": [], "volume": []}
+                                             "volume_slices", "volume_batch_size", "cost_batch_size", "cpu_variants")}
+    report = {"meta": {**metadata(args), "skipped_devices": skipped, "modes": ["peer"] if args.peer else args.modes},
+              "results": [], "volume": [], "train_cost": [], "peer": []}
     run = run_isolated if args.isolate else run_job
     for device in devices:
-        for backbone in args.backbones:
+        if args.peer:
             for b in args.batch_sizes:
-                print(f"[speed] {backbone} {device} batch {b}", file=sys.stderr, flush=True)
-                report["results"].append(run({**common, "kind": "images", "backbone": backbone, "device": device,
-                                              "batch_size": b}))
-            if args.volume:
+                print(f"[speed] peer {device} batch {b}", file=sys.stderr, flush=True)
+                report["peer"].append(run({**common, "kind": "peer", "device": device, "batch_size": b}))
+            continue
+        for backbone in args.backbones:
+            if "pipeline" in args.modes:
+                for b in args.batch_sizes:
+                    print(f"[speed] {backbone} {device} batch {b}", file=sys.stderr, flush=True)
+                    report["results"].append(run({**common, "kind": "images", "backbone": backbone, "device": device,
+                                                  "batch_size": b}))
+            if "volume" in args.modes:
                 print(f"[speed] {backbone} {device} volume", file=sys.stderr, flush=True)
                 report["volume"].append(run({**common, "kind": "volume", "backbone": backbone, "device": device}))
+            if "train-cost" in args.modes:
+                for size in args.cost_sizes:
+                    for variant in args.cost_variants:
+                        print(f"[speed] {backbone} {device} training cost {size} px {variant}", file=sys.stderr,
+                              flush=True)
+                        report["train_cost"].append(run({**common, "kind": "train_cost", "backbone": backbone,
+                                                         "device": device, "cost_size": size, "variant": variant}))
     report["meta"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     for path, text in ((args.out, json.dumps(report, indent=2)), (args.markdown, markdown(report))):
         if path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def test_speed_smoke(tmp_path):
     out, md = tmp_path / "speed.json", tmp_path / "speed.md"
     speed.main(["--backbones", "resnet18", "--batch-sizes", "1", "--devices", "cpu", "--repeats", "1",
                 "--warmup", "0", "--image-size", "64", "--source-size", "96", "--volume-slices", "4",
-                "--no-isolate", "--threads", "1", "--out", str(out), "--markdown", str(md)])
+                "--modes", "pipeline", "volume", "--no-isolate", "--threads", "1", "--out", str(out),
+                "--markdown", str(md)])
     report = json.loads(out.read_text())
     assert {"date", "torch", "monai", "torch_threads", "weights", "memory", "image_size"} <= set(report["meta"])
     assert report["meta"]["image_size"] == 64
@@ -35,6 +37,38 @@ def test_speed_smoke(tmp_path):
     (volume,) = report["volume"]
     assert volume["status"] == "ok" or volume["status"].startswith("skipped"), volume
     assert "| resnet18 | cpu | 1 |" in md.read_text()
+
+
+def test_speed_training_cost_table(tmp_path):
+    """The training-cost mode at a tiny size: every part timed, the whole steps too, and the table written."""
+    speed = _load("speed")
+    out, md = tmp_path / "cost.json", tmp_path / "cost.md"
+    speed.main(["--modes", "train-cost", "--backbones", "resnet18", "--devices", "cpu", "--cost-sizes", "64",
+                "--cost-batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-isolate", "--threads", "1",
+                "--out", str(out), "--markdown", str(md)])
+    report = json.loads(out.read_text())
+    assert report["results"] == [] and report["volume"] == [] and report["meta"]["modes"] == ["train-cost"]
+    eager, *others = report["train_cost"]
+    assert (eager["variant"], eager["status"], eager["image_size"], eager["batch_size"]) == ("eager", "ok", 64, 2)
+    for key in (*speed.COST_PARTS, "step_ms", "step_with_discriminator_ms"):
+        assert eager[key] > 0, key
+    assert 0 < eager["discriminator_share_of_step"] < 1
+    assert eager["student_step_ms"] > eager["student_forward_ms"]
+    assert [r["variant"] for r in others] == ["channels_last", "compile"]
+    assert all(r["status"].startswith("skipped on CPU") for r in others)
+    table = md.read_text()
+    assert "| teacher fwd | student fwd | student fwd+bwd+step | discriminator |" in table
+    assert "| resnet18 | cpu | 64 | 2 | eager |" in table and "| resnet18 | cpu | 64 | 2 | compile |" in table
+
+
+def test_speed_peer_without_anomalib_is_one_line(monkeypatch, capsys):
+    """``--peer`` where anomalib cannot be imported: one line saying so, nothing measured, a normal return
+    (exit status 0 from the command line)."""
+    speed = _load("speed")
+    monkeypatch.setitem(sys.modules, "anomalib", None)  # import anomalib -> ImportError, installed or not
+    assert speed.main(["--peer", "--devices", "cpu"]) == {}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [speed.PEER_MISSING] and "anomalib is not installed" in lines[0]
 
 
 @pytest.mark.slow
