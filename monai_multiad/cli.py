@@ -253,6 +253,9 @@ def screen_inputs(args: argparse.Namespace) -> tuple[Path, list[Path]]:
     if args.nproc < 1 or args.workers < 0:
         raise MultiADInputError(f"--nproc must be at least 1 and --workers at least 0, got {args.nproc} and "
                                 f"{args.workers}")
+    run = _absolute(args.run)
+    if not (run.is_file() or (run / "model.pt").is_file()):  # said here, before any process starts
+        raise MultiADInputError(f"{args.run}: no trained model here (expected a run folder written by 'multiad train')")
     from monai_multiad.cohort import expand_scans
 
     scans = expand_scans([_absolute(p) for p in args.scans], series_uid=args.series)

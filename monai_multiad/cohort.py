@@ -17,6 +17,8 @@ files into one), writes one output folder per scan (:func:`~monai_multiad.screen
   N-th of them (rank r: the r-th, (r+N)-th, ...); the rows are gathered and rank 0 writes the one
   report, the same, row for row and in the same order, as one process writes. The output folder must
   be one that every process sees (on several nodes, a shared file system).
+* **Overlapped** (``workers`` > 0): DataLoader processes read the next scans while one is screened, and
+  a thread writes a scan's outputs while the next is screened; the report is the same.
 """
 
 from __future__ import annotations
