@@ -232,13 +232,7 @@ def _screen_main(args) -> int:
             report = screen_distributed(options.pop("run"), scans, out, max(args.nproc, 1), verbose=args.verbose,
                                         **options)
         return report_screening(args, report)
-    if args.nproc > 1:
-        raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-    lock = folder_lock(out, "multiad screen (torchrun)") if os.environ["RANK"] == "0" else nullcontext()
-    _quiet_launcher(args.verbose)
-    with lock, idist.Parallel(backend=default_backend(local_world, args.device)):
-        _setup_rank(args.verbose)
+    with _torchrun_group(args, out, "multiad screen", args.device):
         options = _rank_device(options)
         report = screen_paths(options.pop("run"), scans, out, **options)
         rank0 = idist.get_rank() == 0
@@ -248,6 +242,20 @@ def _screen_main(args) -> int:
         if failed:  # exit status 0 all the same: torchrun takes any other for a crash and prints a traceback
             print(f"multiad: {failed} of {len(report)} scans failed (FAILED above, and in the report)", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def _torchrun_group(args, folder: Path, command: str, device: str):
+    """Under torchrun: join the group from the environment, rank 0 holding ``folder`` for the group
+    (the other ranks do not write there); ``--nproc`` is refused, torchrun starts the processes."""
+    if args.nproc > 1:
+        raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    lock = folder_lock(folder, f"{command} (torchrun)") if os.environ["RANK"] == "0" else nullcontext()
+    _quiet_launcher(args.verbose)
+    with lock, idist.Parallel(backend=default_backend(local_world, device)):
+        _setup_rank(args.verbose)
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,14 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir, resume = train_inputs(args)  # checked and resolved once, before any process starts
         if _launched_by_torchrun():
-            if args.nproc > 1:
-                raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-            # rank 0 holds the run folder for the group (the other ranks do not write there)
-            lock = folder_lock(run_dir, "multiad train (torchrun)") if os.environ["RANK"] == "0" else nullcontext()
-            _quiet_launcher(args.verbose)
-            with lock, idist.Parallel(backend=default_backend(local_world, cfg.device)):
-                _setup_rank(args.verbose)
+            with _torchrun_group(args, run_dir, "multiad train", cfg.device):
                 from monai_multiad.workflow import train
 
                 summary = train(cfg, run_dir, resume=resume)
