@@ -47,7 +47,7 @@ class RunConfig:
     fusion_mode: str = _opt("sum", "how stage maps are combined", choices=("sum", "product"))
     sigma: float = _opt(4.0, "Gaussian smoothing of the anomaly map (px at image_size)")
     stages: list = _opt((1, 2, 3, 4), "stages (1-4, strides 4-32) whose maps are fused into the anomaly map", nargs="+")
-    map_normalization: str = _opt("mean", "per-stage map unit fitted on normals: 'mean' (M / mean), 'zscore' "
+    map_normalization: str = _opt("zscore", "per-stage map unit fitted on normals: 'mean' (M / mean), 'zscore' "
                                   "((M - mean) / std) or 'quantile' ((M - q0.9) / (q0.995 - q0.9), as EfficientAD)",
                                   choices=("mean", "zscore", "quantile"))
     score_topk: float = _opt(0.0, "image score: mean of the top fraction of map pixels (0 = the map's maximum)")
@@ -70,7 +70,7 @@ class RunConfig:
     loss_stage_weights: list = _opt((1.0, 1.0, 1.0, 1.0), "weights of the four stages' distillation losses",
                                     nargs="+", type=float)
     augment_flips: bool = _opt(False, "random left-right / up-down flips of the training images (textures, parts)")
-    hard_mining: float = _opt(0.0, "distil only positions whose distance is above this quantile of the batch's "
+    hard_mining: float = _opt(0.9, "distil only positions whose distance is above this quantile of the batch's "
                               "(e.g. 0.9; 0 = all positions)")
     d_lr: float = _opt(1e-4, "discriminator learning rate (Adam)")
     weight_decay: float = _opt(1e-5, "student weight decay")

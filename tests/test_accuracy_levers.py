@@ -200,7 +200,8 @@ def test_loss_stage_weights_reach_the_trainers_loss():
     trainer = build_trainer(cfg, net, [{"image": torch.rand(2, 3, 64, 64)}], torch.device("cpu"))
     t = [torch.randn(2, 4, 3, 3) for _ in range(4)]
     s = [torch.randn(2, 4, 3, 3) for _ in range(4)]
-    per_stage = distillation_losses(t, s)
+    per_stage = distillation_losses(t, s, cfg.hard_mining)  # hard mining 0.9 by default
+    assert cfg.hard_mining == 0.9
     assert torch.allclose(trainer.distillation_loss(t, s), 2 * per_stage[1] + per_stage[3])
     with pytest.raises(MultiADInputError, match="loss_stage_weights"):
         RunConfig(loss_stage_weights=[1, 1])

@@ -93,23 +93,24 @@ def test_evaluate_metrics_match_sklearn(trained_run, tmp_path):
 
 def test_fusion_is_fitted_on_the_validation_normals(trained_run):
     """The decision threshold is the documented quantile (threshold_quantile, 0.99 by default) of the
-    validation normals' image scores, and each stage's scale the mean of its map over their pixels
-    (map_normalization "mean"), both recomputed here with the saved model."""
+    validation normals' image scores, and each stage's offset and scale the mean and standard deviation
+    of its map over their pixels (map_normalization "zscore", the default), recomputed here with the saved model."""
     model, cfg, fusion = load_model(trained_run)
     assert cfg.threshold_quantile == fusion["threshold_quantile"] == RunConfig().threshold_quantile == 0.99
-    assert cfg.map_normalization == fusion["normalization"] == "mean"
+    assert cfg.map_normalization == fusion["normalization"] == RunConfig().map_normalization == "zscore"
     train_ds, val_ds = build_datasets(cfg, "train")
     assert not {s["image"] for s in train_ds.samples} & {s["image"] for s in val_ds.samples}
     images = torch.stack([val_ds[i]["image"] for i in range(len(val_ds))])
     with torch.no_grad():
         scores = torch.cat([model(images[i:i + cfg.batch_size])[1] for i in range(0, len(images), cfg.batch_size)])
-        stage_means = model.stage_maps(images).double().mean(dim=(0, 2, 3))
+        maps = model.stage_maps(images).double()
     assert fusion["num_images"] == len(val_ds) == len(scores) > 1
     expected = float(np.quantile(scores.numpy().astype(np.float64), 0.99))
     assert fusion["threshold"] == pytest.approx(expected, rel=1e-6)
     assert float(model.fusion.threshold) == pytest.approx(expected, rel=1e-6)
     assert float(scores.max()) >= fusion["threshold"] > float(np.quantile(scores.numpy(), 0.5))
-    assert fusion["stage_scale"] == pytest.approx(stage_means.tolist(), rel=1e-5)
+    assert fusion["stage_offset"] == pytest.approx(maps.mean(dim=(0, 2, 3)).tolist(), rel=1e-5)
+    assert fusion["stage_scale"] == pytest.approx(maps.std(dim=(0, 2, 3), unbiased=False).tolist(), rel=1e-4)
     summary = json.loads((trained_run / "metrics.json").read_text())["training"]
     assert summary["fusion"]["threshold"] == fusion["threshold"]
 
