@@ -62,6 +62,9 @@ STUDY: dict[str, dict] = {
     "nd_hard": {"train": {"discriminator": False, "adversarial_weight": 0.0, "hard_mining": 0.9}},
     "nd_flips": {"train": {"discriminator": False, "adversarial_weight": 0.0, "augment_flips": True}},
     "nd_hard99": {"train": {"discriminator": False, "adversarial_weight": 0.0, "hard_mining": 0.99}},
+    # the paper's ablation on the defaults chosen by finding 8 (hard mining + z-scored maps): from nd_hard
+    "def_no_se": {"train": {"student_se": False}},
+    "def_with_d": {"train": {"discriminator": True, "adversarial_weight": 0.1}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
@@ -73,6 +76,7 @@ STUDY: dict[str, dict] = {
     "nd+zscore": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "map_normalization": "zscore"}},
     "hard+zscore": {"from": "nd_hard", "refit": {"map_normalization": "zscore"}},
     "hard+zscore+top1pct": {"from": "nd_hard", "refit": {"map_normalization": "zscore", "score_topk": 0.01}},
+    "hard+zscore+no_fusion": {"from": "nd_hard", "refit": {"map_normalization": "zscore", "fusion": False}},
     "d+fg": {"from": "bn_fix", "refit": {"foreground": "auto"}},
     "d+top1pct": {"from": "bn_fix", "refit": {"foreground": "auto", "score_topk": 0.01}},
     "d+stages234": {"from": "bn_fix", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
