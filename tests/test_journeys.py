@@ -32,8 +32,10 @@ def _multiad() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "monai_multiad.cli"]
 
 
-def multiad(cwd: Path, *args: str, code: int | None = 0, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*_multiad(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+def multiad(cwd: Path, *args: str, code: int | None = 0, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*_multiad(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=ENV if env is None else env)
     if code is not None and proc.returncode != code:
         raise AssertionError(f"multiad {' '.join(args)} exited {proc.returncode}, expected {code}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

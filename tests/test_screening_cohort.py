@@ -25,18 +25,15 @@ from monai_multiad.config import RunConfig
 from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
 from monai_multiad.networks import MultiAD
 from monai_multiad.workflow import save_model
-from test_journeys import _multiad
+from test_journeys import multiad as run_multiad
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 CASES = [f"case_{i}" for i in range(6)]
 
 
 def multiad(cwd: Path, *args: str, code: int | None = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*_multiad(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
-    if code is not None and proc.returncode != code:
-        raise AssertionError(f"multiad {' '.join(args)} exited {proc.returncode}, expected {code}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    """The journeys' ``multiad`` runner, one thread per process (several run at once here)."""
+    return run_multiad(cwd, *args, code=code, timeout=timeout, env=ENV)
 
 
 def _save_run(folder: Path, seed: int) -> None:
