@@ -65,6 +65,13 @@ STUDY: dict[str, dict] = {
     # the paper's ablation on the defaults chosen by finding 8 (hard mining + z-scored maps): from nd_hard
     "def_no_se": {"train": {"student_se": False}},
     "def_with_d": {"train": {"discriminator": True, "adversarial_weight": 0.1}},
+    # convergence levers on the defaults (finding 9): learning rate, hard-mining quantile, batch size
+    # at the same number of images seen, and training length
+    "def_lr3e-3": {"train": {"lr": 3e-3}},
+    "def_lr3e-3_cosine": {"train": {"lr": 3e-3, "lr_schedule": "cosine"}},
+    "def_hard99": {"train": {"hard_mining": 0.99}},
+    "def_batch8": {"train": {"batch_size": 8, "max_steps": 600}},
+    "def_x4": {"train": {"max_steps": 1200}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
