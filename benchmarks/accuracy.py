@@ -181,7 +181,7 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
 
     from monai_multiad import inference, workflow
     from monai_multiad.engines.evaluator import fit_fusion
-    from monai_multiad.io import write_json
+    from monai_multiad.outputs import write_json
 
     base = next((r for r in rows if r["config"] == spec["from"] and r["category"] == name), None)
     if base is None:

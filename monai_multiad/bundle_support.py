@@ -13,7 +13,7 @@ The bundles' ``train.json`` builds a training run with the objects and steps ``m
   ``verify_net_in_out`` and ``ckpt_export`` handle; the image score is the map's maximum) and whose
   ``load_state_dict`` names what does not fit;
 * :func:`install_error_hook`: ``python -m monai.bundle run`` ends bad input with one line;
-* :func:`check_command_line`, :func:`require_dataset_dir`, :func:`~monai_multiad.io.check_output_dir`:
+* :func:`check_command_line`, :func:`require_dataset_dir`, :func:`~monai_multiad.outputs.check_output_dir`:
   early checks of the command line (an option no config names), the dataset folder and an output
   folder, each a one-line error;
 * :func:`image_inputs`, :func:`volume_scans`: what inference reads from a folder;
@@ -34,7 +34,7 @@ import torch
 
 from monai_multiad.config import MODEL_KEYS, RunConfig
 from monai_multiad.errors import MultiADInputError, WeightsError
-from monai_multiad.io import check_output_dir
+from monai_multiad.outputs import check_output_dir
 from monai_multiad.networks import MultiAD
 
 __all__ = [

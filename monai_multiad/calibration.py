@@ -357,7 +357,7 @@ def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, 
 
 def write_calibration(run_dir: str | Path, record: dict) -> Path:
     """Write ``record`` to ``run_dir/calibration.json`` atomically (model.pt is not touched)."""
-    from monai_multiad.io import write_json
+    from monai_multiad.outputs import write_json
 
     path = Path(run_dir) / CALIBRATION_FILE
     write_json(path, record)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError, OutputWriteError
-from monai_multiad.io import check_output_dir, display_path as _shown, folder_lock
+from monai_multiad.outputs import check_output_dir, display_path as _shown, folder_lock
 
 __all__ = ["main", "build_parser"]
 

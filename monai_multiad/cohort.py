@@ -37,7 +37,7 @@ from torch import nn
 
 from monai_multiad import screening
 from monai_multiad.errors import MultiADInputError, OutputWriteError, input_error
-from monai_multiad.io import display_path
+from monai_multiad.outputs import display_path
 
 __all__ = ["LIST_SUFFIXES", "expand_scans", "model_identity", "screen_paths"]
 
@@ -127,7 +127,7 @@ def _scan_stamp(path: Path) -> dict:
 
 def _as_json(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), so that records compare equal."""
-    from monai_multiad.io import _jsonable
+    from monai_multiad.outputs import _jsonable
 
     return json.loads(json.dumps(obj, default=_jsonable))
 
@@ -160,7 +160,7 @@ def _message(e: BaseException) -> str:
 
 def _clear(folder: Path, map_format: str) -> None:
     """Before a scan is (re)screened: its old ``result.json`` vouches for nothing now, and the half-written
-    files (:func:`monai_multiad.io.atomic_path`'s hidden names) of a screening that was killed go, and so
+    files (:func:`monai_multiad.outputs.atomic_path`'s hidden names) of a screening that was killed go, and so
     does a map of the other format (an earlier screening's, which would not be replaced)."""
     if folder.is_dir():
         (folder / "result.json").unlink(missing_ok=True)

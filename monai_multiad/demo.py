@@ -14,7 +14,7 @@ from pathlib import Path
 
 from monai_multiad.config import RunConfig
 from monai_multiad.inference import evaluate, format_table, predict
-from monai_multiad.io import display_path as _shown, write_json
+from monai_multiad.outputs import display_path as _shown, write_json
 from monai_multiad.workflow import train
 
 __all__ = ["run_demo", "demo_config", "summary_lines", "MIN_IMAGE_AUROC"]

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from monai_multiad import __version__
-from monai_multiad.io import atomic_path
+from monai_multiad.outputs import atomic_path
 
 __all__ = ["MAP_FILE", "SEG_FILE", "HIGHDICOM_MISSING", "DicomMapError", "highdicom_problem", "source_datasets",
            "frame_indices", "map_frames", "parametric_map", "segmentation", "write_dataset", "write_scan_dicom"]

@@ -38,7 +38,7 @@ import torch
 
 from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError, OutputWriteError
-from monai_multiad.io import folder_lock
+from monai_multiad.outputs import folder_lock
 
 __all__ = ["default_backend", "train_distributed", "screen_distributed", "main"]
 

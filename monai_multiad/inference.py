@@ -14,7 +14,7 @@ from ignite.engine import Events
 from monai_multiad.config import RunConfig
 from monai_multiad.engines.evaluator import MultiADEvaluator
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.io import write_json, write_png, write_text
+from monai_multiad.outputs import write_json, write_png, write_text
 from monai_multiad.metrics import AUPRO, F1Max, ImageAUROC, PixelAUROC
 from monai_multiad.visualize import contact_sheet, overlay
 from monai_multiad.workflow import build_datasets, build_loader, load_model, resolve_device

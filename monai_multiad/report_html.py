@@ -28,7 +28,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from monai_multiad.io import write_text
+from monai_multiad.outputs import write_text
 
 __all__ = ["ScanFigures", "render_report", "write_report_html", "load_scan_figures", "threshold_source"]
 

@@ -23,7 +23,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 
 from monai_multiad.config import MODEL_KEYS, RunConfig
 from monai_multiad.errors import MultiADInputError, WeightsError
-from monai_multiad.io import atomic_path, write_error
+from monai_multiad.outputs import atomic_path, write_error
 from monai_multiad.networks import MultiAD
 
 __all__ = [
@@ -121,7 +121,7 @@ def start_run_folder(run_dir: str | Path, cfg: RunConfig) -> Path:
     Returns the folder, absolute (Ignite's checkpoint paths include it)."""
     import ignite.distributed as idist
 
-    from monai_multiad.io import write_json
+    from monai_multiad.outputs import write_json
 
     run_dir = Path(run_dir).absolute()
     if idist.get_rank() == 0:

@@ -47,7 +47,7 @@ from torch import nn
 
 from monai_multiad.data.volumes import FG_THRESHOLD, MIN_FOREGROUND, intensity_kwargs
 from monai_multiad.errors import MultiADInputError, input_error
-from monai_multiad.io import atomic_path, display_path, write_json, write_png, write_text
+from monai_multiad.outputs import atomic_path, display_path, write_json, write_png, write_text
 from monai_multiad.transforms.volume import load_volume, scale_intensity, slice_foreground, slice_info, \
     slices_to_volume, volume_to_slices
 from monai_multiad.visualize import contact_sheet, overlay

@@ -36,7 +36,7 @@ from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnor
 from monai_multiad.engines.evaluator import fit_fusion, validation_loss
 from monai_multiad.engines.trainer import MultiADTrainer
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.io import write_json
+from monai_multiad.outputs import write_json
 from monai_multiad.networks import MultiAD
 from monai_multiad.run_folder import (  # noqa: F401 - load_model, save_model: also importable from here
     EpochLog,

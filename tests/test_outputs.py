@@ -7,7 +7,7 @@ import os
 import pytest
 
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.io import check_output_dir, write_json
+from monai_multiad.outputs import check_output_dir, write_json
 
 
 def test_usable_output_folders(tmp_path, monkeypatch):
