@@ -15,45 +15,13 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError, OutputWriteError
 from monai_multiad.outputs import check_output_dir, display_path as _shown, folder_lock
 
-__all__ = ["main", "build_parser"]
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    for f in fields(RunConfig):
-        if f.name in skip:
-            continue
-        default = f.default if f.default is not MISSING else None
-        kw: dict = {"help": f"{f.metadata['help']} (default: {default})", "default": None}
-        if isinstance(default, bool):
-            kw["type"], kw["metavar"] = _bool, "{true,false}"
-        elif isinstance(default, (tuple, list)):
-            kw["type"], kw["nargs"] = f.metadata.get("type", int), "+"
-        else:
-            kw["type"] = type(default)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-
-
-def _config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    data = (base or RunConfig()).to_dict()
-    data.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None})
-    return RunConfig.from_dict(data, "command line")
+__all__ = ["main", "build_parser", "distributed_main"]
 
 
 LAYOUT_HELP = """dataset layouts (--layout; auto finds the first that fits):
@@ -93,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue from a run folder's last checkpoint (or a checkpoint file)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes for data-parallel training (one per GPU; gloo on CPU) via ignite.distributed")
-    _add_config_options(p, skip=("dataset_dir",))
+    RunConfig.add_arguments(p, skip=("dataset_dir",))
 
     p = sub.add_parser("evaluate", help="compute image/pixel AUROC, AUPRO and F1-max on a test split",
                        description="Evaluate a trained run on the labelled test split; writes metrics.json, "
@@ -184,8 +152,8 @@ def _absolute(path: str | Path | None) -> Path | None:
 def train_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path, Path | None]:
     """``multiad train``'s arguments, checked and resolved once, before any work: (config with the
     dataset's absolute path, usable absolute run folder, absolute checkpoint to resume or None).
-    Also used by ``python -m monai_multiad.distributed``."""
-    cfg = _config_from_args(args, RunConfig.load(args.config) if args.config else None)
+    Also used by ``python -m monai_multiad.distributed`` (:func:`distributed_main`)."""
+    cfg = RunConfig.from_arguments(args, RunConfig.load(args.config) if args.config else None)
     if not cfg.dataset_dir:
         raise MultiADInputError("no dataset folder given")
     run_dir = check_output_dir(args.run_dir, "run folder (--run-dir)", inputs=(cfg.dataset_dir,))
@@ -248,7 +216,7 @@ def _predict(args: argparse.Namespace) -> int:
 def screen_inputs(args: argparse.Namespace) -> tuple[Path, list[Path]]:
     """``multiad screen``'s output folder (checked, absolute) and scans (absolute; folders of cases and
     list files expanded: :func:`monai_multiad.cohort.expand_scans`), before any work. Also used by
-    ``python -m monai_multiad.distributed screen``."""
+    ``python -m monai_multiad.distributed screen`` (:func:`distributed_main`)."""
     out = check_output_dir(args.out, "output folder (--out)", inputs=tuple(args.scans))
     if args.nproc < 1 or args.workers < 0:
         raise MultiADInputError(f"--nproc must be at least 1 and --workers at least 0, got {args.nproc} and "
@@ -365,6 +333,81 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("multiad: interrupted; the last completed epoch's checkpoint is usable with --resume", file=sys.stderr)
         return 130
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of torchrun's: its environment describes the group to join."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _torchrun_group(args: argparse.Namespace, folder: Path, command: str, device: str):
+    if args.nproc > 1:
+        raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
+    from monai_multiad.distributed import torchrun_group
+
+    return torchrun_group(folder, command, device, args.verbose)
+
+
+def _distributed_train(args: argparse.Namespace) -> int:
+    cfg, run_dir, resume = train_inputs(args)  # checked and resolved once, before any process starts
+    from monai_multiad.distributed import train_distributed
+
+    if launched_by_torchrun():
+        with _torchrun_group(args, run_dir, "multiad train", cfg.device) as (rank, processes):
+            from monai_multiad.workflow import train
+
+            summary = train(cfg, run_dir, resume=resume)
+    else:
+        with folder_lock(run_dir, "multiad train"):
+            summary = train_distributed(cfg, run_dir, max(args.nproc, 1), resume=resume, verbose=args.verbose)
+        rank, processes = 0, max(args.nproc, 1)
+    if rank == 0:
+        print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
+              f"{summary['train_seconds']} s on {summary['device']}, {processes} process(es); "
+              f"run folder: {args.run_dir}")
+    return 0
+
+
+def _distributed_screen(args: argparse.Namespace) -> int:
+    """Under torchrun this process screens its share (rank 0 holds the output folder and writes the
+    report); otherwise as ``multiad screen --nproc N``."""
+    if not launched_by_torchrun():
+        return _screen(args)
+    from monai_multiad.cohort import screen_paths
+    from monai_multiad.distributed import rank_options
+
+    out, scans = screen_inputs(args)  # checked and resolved once per process, before any screening
+    with _torchrun_group(args, out, "multiad screen", args.device) as (rank, _):
+        options = rank_options(screen_options(args))
+        report = screen_paths(options.pop("run"), scans, out, **options)
+    failed = sum(r.get("status") != "ok" for r in report)
+    if rank == 0:
+        report_screening(args, report)
+        if failed:  # exit status 0 all the same: torchrun takes any other for a crash and prints a traceback
+            print(f"multiad: {failed} of {len(report)} scans failed (FAILED above, and in the report)", file=sys.stderr)
+    return 0
+
+
+def distributed_main(argv: list[str] | None = None) -> int:
+    """``python -m monai_multiad.distributed`` takes ``multiad train``'s arguments, or ``screen`` and
+    ``multiad screen``'s (this CLI's own parser, so they cannot drift). Under torchrun each process joins
+    the group from the environment; otherwise ``--nproc N`` spawns N processes like ``multiad train
+    --nproc N`` (``multiad screen --nproc N``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = [a for a in argv if a in ("-v", "--verbose")]  # `multiad -v train ...`'s flag, accepted anywhere
+    rest = [a for a in argv if a not in verbose]
+    command = "screen" if rest[:1] == ["screen"] else "train"
+    parser = build_parser()
+    parser.prog = "python -m monai_multiad.distributed"
+    args = parser.parse_args([*verbose[:1], command, *rest[1:]] if command == "screen" else
+                             [*verbose[:1], "train", *rest])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if command == "screen":
+        logging.getLogger("monai_multiad").setLevel(logging.INFO)  # the resume note, as `multiad screen` shows it
+    try:
+        return _distributed_screen(args) if command == "screen" else _distributed_train(args)
+    except (MultiADInputError, OutputWriteError) as e:
+        return error_exit(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,16 @@
 """The one description of an experiment: every option with its default and help text.
 
-The CLI builds its options from :class:`RunConfig`'s fields and the bundles' configs name the
-same keys, so both build the same objects from the same defaults (:mod:`monai_multiad.workflow`).
+:class:`RunConfig` adds its own ``--option`` arguments to the CLI's parser and reads them back
+(:meth:`RunConfig.add_arguments`, :meth:`RunConfig.from_arguments`), and the bundles' configs name
+the same keys, so both build the same objects from the same defaults (:mod:`monai_multiad.workflow`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,14 @@ __all__ = ["RunConfig", "MODEL_KEYS"]
 
 def _opt(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 @dataclass
@@ -110,6 +120,33 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        """Add an ``--option`` to ``parser`` for every field but those in ``skip``, with the field's
+        help, choices and type (booleans take true/false, lists ``nargs="+"``); ``None`` when not
+        given, so :meth:`from_arguments` keeps the default or the base config's value."""
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            default = f.default if f.default is not MISSING else None
+            kw: dict = {"help": f"{f.metadata['help']} (default: {default})", "default": None}
+            if isinstance(default, bool):
+                kw["type"], kw["metavar"] = _bool, "{true,false}"
+            elif isinstance(default, (tuple, list)):
+                kw["type"], kw["nargs"] = f.metadata.get("type", int), "+"
+            else:
+                kw["type"] = type(default)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+        """``base`` (default: the defaults) with the options given in ``args`` (:meth:`add_arguments`)."""
+        data = (base or cls()).to_dict()
+        data.update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
+        return cls.from_dict(data, "command line")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path = "config") -> RunConfig:

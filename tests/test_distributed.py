@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import monai_multiad.distributed as distributed
+from monai_multiad.cli import distributed_main
 from monai_multiad.config import RunConfig
 from monai_multiad.data.synthetic_images import write_mvtec_dataset
 from monai_multiad.errors import MultiADInputError
@@ -124,5 +125,5 @@ def test_input_error_of_a_rank_is_reported(tmp_path):
 
 def test_entry_rejects_bad_options(capsys):
     with pytest.raises(SystemExit) as e:
-        distributed.main(["data", "--run-dir", "r", "--backbone", "vgg"])
+        distributed_main(["data", "--run-dir", "r", "--backbone", "vgg"])
     assert e.value.code == 2 and "--backbone" in capsys.readouterr().err

@@ -13,7 +13,11 @@ Two ways to start either, with the same options as ``multiad train`` / ``multiad
       torchrun --nproc_per_node=N -m monai_multiad.distributed screen SCANS --run RUN --out OUT [options]
 
   each process then joins the group torchrun describes in its environment (``RANK``,
-  ``WORLD_SIZE``, ``MASTER_ADDR``...) through ``idist.Parallel(backend=...)``.
+  ``WORLD_SIZE``, ``MASTER_ADDR``...) through ``idist.Parallel(backend=...)`` (:func:`torchrun_group`).
+
+This module is the process-group machinery; the command lines are the CLI's:
+``python -m monai_multiad.distributed`` (``__main__.py``) runs :func:`monai_multiad.cli.distributed_main`,
+which parses them with ``multiad``'s own parser and tells torchrun's processes from a spawning one.
 
 The backend is ``nccl`` when CUDA has a GPU per process, else ``gloo`` (CPU). ``cfg.batch_size``
 is the global batch: ``idist.auto_dataloader`` gives each of the N processes ``batch_size // N``.
@@ -28,7 +32,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -40,7 +43,7 @@ from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError, OutputWriteError
 from monai_multiad.outputs import folder_lock
 
-__all__ = ["default_backend", "train_distributed", "screen_distributed", "main"]
+__all__ = ["default_backend", "train_distributed", "screen_distributed", "torchrun_group", "rank_options"]
 
 logger = logging.getLogger("monai_multiad")
 
@@ -173,8 +176,8 @@ def train_distributed(
         return json.loads(summary_file.read_text())
 
 
-def _rank_device(options: dict) -> dict:
-    """Screening options for this rank: with nccl, its own GPU (unless a device was named)."""
+def rank_options(options: dict) -> dict:
+    """Screening options (:func:`~monai_multiad.cohort.screen_paths`'s) for this rank: with nccl, its own GPU (unless a device was named)."""
     if idist.backend() == "nccl" and options.get("device", "auto") in ("auto", "cuda", None):
         return {**options, "device": str(idist.device())}
     return options
@@ -187,7 +190,7 @@ def _screen_worker(local_rank: int, run: str, scans: list[str], out_dir: str, op
 
     _setup_rank(verbose)
     with _reported(error_file):
-        rows = screen_paths(run, scans, out_dir, **_rank_device(options))
+        rows = screen_paths(run, scans, out_dir, **rank_options(options))
     if idist.get_rank() == 0:
         Path(rows_file).write_text(json.dumps(rows))
 
@@ -215,91 +218,13 @@ def screen_distributed(run: str | Path, scans: list[str | Path], out_dir: str | 
         return json.loads(rows_file.read_text())
 
 
-def _launched_by_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def _screen_main(args) -> int:
-    """``python -m monai_multiad.distributed screen ...``: under torchrun this process screens its share
-    (rank 0 holds the output folder and writes the report); otherwise as ``multiad screen --nproc N``."""
-    from monai_multiad.cli import report_screening, screen_inputs, screen_options
-    from monai_multiad.cohort import screen_paths
-
-    out, scans = screen_inputs(args)  # checked and resolved once per process, before any screening
-    options = screen_options(args)
-    if not _launched_by_torchrun():
-        with folder_lock(out, "multiad screen"):
-            report = screen_distributed(options.pop("run"), scans, out, max(args.nproc, 1), verbose=args.verbose,
-                                        **options)
-        return report_screening(args, report)
-    with _torchrun_group(args, out, "multiad screen", args.device):
-        options = _rank_device(options)
-        report = screen_paths(options.pop("run"), scans, out, **options)
-        rank0 = idist.get_rank() == 0
-    failed = sum(r.get("status") != "ok" for r in report)
-    if rank0:
-        report_screening(args, report)
-        if failed:  # exit status 0 all the same: torchrun takes any other for a crash and prints a traceback
-            print(f"multiad: {failed} of {len(report)} scans failed (FAILED above, and in the report)", file=sys.stderr)
-    return 0
-
-
 @contextmanager
-def _torchrun_group(args, folder: Path, command: str, device: str):
-    """Under torchrun: join the group from the environment, rank 0 holding ``folder`` for the group
-    (the other ranks do not write there); ``--nproc`` is refused, torchrun starts the processes."""
-    if args.nproc > 1:
-        raise MultiADInputError("--nproc spawns processes itself: under torchrun use --nproc_per_node")
+def torchrun_group(folder: Path, command: str, device: str, verbose: bool = False):
+    """Under torchrun: join the group its environment describes (``RANK``, ``WORLD_SIZE``...), rank 0
+    holding ``folder`` for the group (the other ranks do not write there); yields ``(rank, world_size)``."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     lock = folder_lock(folder, f"{command} (torchrun)") if os.environ["RANK"] == "0" else nullcontext()
-    _quiet_launcher(args.verbose)
+    _quiet_launcher(verbose)
     with lock, idist.Parallel(backend=default_backend(local_world, device)):
-        _setup_rank(args.verbose)
-        yield
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m monai_multiad.distributed`` takes ``multiad train``'s arguments, or ``screen`` and
-    ``multiad screen``'s (the CLI's own parser, so they cannot drift). Under torchrun each process joins
-    the group from the environment; otherwise ``--nproc N`` spawns N processes like ``multiad train
-    --nproc N`` (``multiad screen --nproc N``)."""
-    from monai_multiad.cli import build_parser, error_exit, train_inputs
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = [a for a in argv if a in ("-v", "--verbose")]  # `multiad -v train ...`'s flag, accepted anywhere
-    rest = [a for a in argv if a not in verbose]
-    command = "screen" if rest[:1] == ["screen"] else "train"
-    parser = build_parser()
-    parser.prog = "python -m monai_multiad.distributed"
-    args = parser.parse_args([*verbose[:1], command, *rest[1:]] if command == "screen" else
-                             [*verbose[:1], "train", *rest])
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if command == "screen":
-        logger.setLevel(logging.INFO)  # the resume note, as `multiad screen` shows it
-        try:
-            return _screen_main(args)
-        except (MultiADInputError, OutputWriteError) as e:
-            return error_exit(e)
-    try:
-        cfg, run_dir, resume = train_inputs(args)  # checked and resolved once, before any process starts
-        if _launched_by_torchrun():
-            with _torchrun_group(args, run_dir, "multiad train", cfg.device):
-                from monai_multiad.workflow import train
-
-                summary = train(cfg, run_dir, resume=resume)
-                rank0, processes = idist.get_rank() == 0, idist.get_world_size()
-        else:
-            with folder_lock(run_dir, "multiad train"):
-                summary = train_distributed(cfg, run_dir, max(args.nproc, 1), resume=resume, verbose=args.verbose)
-            rank0, processes = True, max(args.nproc, 1)
-    except (MultiADInputError, OutputWriteError) as e:
-        return error_exit(e)
-    if rank0:
-        print(f"trained {summary['epochs']} epoch(s), {summary['iterations']} iterations in "
-              f"{summary['train_seconds']} s on {summary['device']}, {processes} process(es); "
-              f"run folder: {args.run_dir}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+        _setup_rank(verbose)
+        yield idist.get_rank(), idist.get_world_size()
