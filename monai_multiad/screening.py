@@ -47,22 +47,12 @@ from torch import nn
 
 from monai_multiad.data.volumes import FG_THRESHOLD, MIN_FOREGROUND, intensity_kwargs
 from monai_multiad.errors import MultiADInputError, input_error
-from monai_multiad.outputs import atomic_path, display_path, write_json, write_png, write_text
+from monai_multiad.outputs import atomic_path, write_json, write_png, write_text
 from monai_multiad.transforms.volume import load_volume, scale_intensity, slice_foreground, slice_info, \
     slices_to_volume, volume_to_slices
 from monai_multiad.visualize import contact_sheet, overlay
 
-__all__ = ["ScreeningResult", "rank_slices", "screen_volume", "screen_path", "screen_paths", "demo_screen"]
-
-#: the demo's phantoms: volume shape (X, Y, Z; the lesion's radius grows with the smallest extent: about
-#: 8 px across and 8 slices here), normal scans to train on, training iterations
-DEMO_SHAPE, DEMO_NORMAL_SCANS, DEMO_STEPS = (64, 64, 48), 5, 60
-#: the demo's run options beyond the tiny defaults: on 64 px slices the stride-16 and stride-32 stages see
-#: the lesion as a fraction of one cell and mostly add slice-wide offsets, so the fine stages are fused
-#: the demo's phantom model trains 60 iterations: hard-feature distillation (a default since the
-#: accuracy study, whose models trained 300 and more) is off, as it needs a student that has already
-#: learnt the easy positions; with it, a slice outside the lesion entered the top three
-DEMO_OPTIONS: dict = {"stages": [1, 2], "hard_mining": 0.0}
+__all__ = ["ScreeningResult", "rank_slices", "screen_volume", "screen_path", "screen_paths"]
 
 REPORT_FIELDS = ("scan", "name", "status", "scan_score", "anomalous", "threshold", "num_slices", "screened_slices",
                  "top_slices", "map", "seconds", "error", "threshold_source", "slice_threshold",
@@ -397,48 +387,3 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, **k
     from monai_multiad.cohort import screen_paths as screen_cohort
 
     return screen_cohort(run, scans, out_dir, **kwargs)
-
-
-def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STEPS, top_k: int = 3) -> dict:
-    """The volume part of ``multiad demo``: phantom brain volumes (normal ones to train on, one with
-    a lesion to screen, flat ``<case>.nii.gz`` layout), a tiny run on their normal slices (64 px,
-    Lite0 with its packaged ImageNet weights, ``steps`` iterations, the stride-4 and stride-8 stage maps
-    fused: :data:`DEMO_OPTIONS`), then screening of the lesion
-    volume with the threshold that run calibrated on its normal slices. Writes under
-    ``out_dir/volumes``; returns a summary (scan score, threshold, top slices, lesion slices, files)."""
-    from monai_multiad.config import RunConfig
-    from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
-    from monai_multiad.workflow import train
-
-    base = Path(out_dir).absolute() / "volumes"
-    data = base / "data"
-    names = [f"normal_{i}" for i in range(DEMO_NORMAL_SCANS)]
-    for i, case in enumerate(names):
-        image, _ = make_phantom_volume(DEMO_SHAPE, lesion=False, seed=10 + i)
-        write_nifti(data / f"{case}.nii.gz", np.round(image).astype(np.int16))
-    image, label = make_phantom_volume(DEMO_SHAPE, lesion=True, seed=99)
-    scan = write_nifti(data / "phantom_lesion.nii.gz", np.round(image).astype(np.int16))
-    write_nifti(data / "phantom_lesion_mask.nii.gz", label)
-    write_json(data / "splits.json", {"train": names, "test": ["phantom_lesion"]})
-    print(f"[screen 1/3] generated {len(names)} normal phantom volumes and one with a lesion in "
-          f"{display_path(data)}")
-    cfg = RunConfig(dataset_dir=str(data), layout="volumes", image_size=64, in_channels=1, discriminator=False,
-                    batch_size=16, epochs=max(1, steps // 4), max_steps=steps, early_stop_patience=0,
-                    val_fraction=0.2, device=device, seed=0, **DEMO_OPTIONS)
-    summary = train(cfg, base / "run", progress=False)
-    print(f"[screen 2/3] trained a tiny slice model ({summary['iterations']} iterations on "
-          f"{summary['train_images']} normal slices) in {summary['train_seconds']} s")
-    row = screen_paths(base / "run", [scan], base / "screening", device=device, top_k=top_k, progress=False)[0]
-    if row["status"] != "ok":
-        raise MultiADInputError(f"screening the demo phantom failed: {row['error']}")
-    lesion = sorted(int(k) for k in np.flatnonzero(label.any(axis=(0, 1))))  # identity affine: array = canonical
-    folder = Path(row["map"]).parent
-    print(f"[screen 3/3] scan score {row['scan_score']:.3f} (normal threshold {row['threshold']:.3f}); most "
-          f"anomalous slices {row['top_slices']} (the lesion spans slices {lesion[0]}-{lesion[-1]}); "
-          f"anomaly_map.nii.gz, montage.png, slice_scores.csv in {display_path(folder)}")
-    return {"scan": str(scan), "scan_score": row["scan_score"], "threshold": row["threshold"],
-            "anomalous": row["anomalous"], "top_slices": row["top_slices"], "lesion_slices": lesion,
-            "top_slices_in_lesion": sum(k in lesion for k in row["top_slices"]),
-            "train_seconds": summary["train_seconds"], "outputs": str(base / "screening"),
-            "map": row["map"], "montage": str(folder / "montage.png"),
-            "slice_scores": str(folder / "slice_scores.csv"), "report": str(base / "screening" / "report.csv")}

@@ -39,9 +39,6 @@ LITE0_BLOCKS = [
     "r1_k3_s11_e6_i192_o320",
 ]
 
-Pretrained = "bool | str | Path"
-
-
 def _stage_se(channels: int) -> ChannelSELayer:
     return ChannelSELayer(spatial_dims=2, in_channels=channels, r=16 if channels >= 256 else 4)
 

@@ -9,7 +9,7 @@ after a check that lists every missing, unexpected and mismatched key.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -132,5 +132,3 @@ def download_se_resnet50(progress: bool = True) -> Path:
                 "and pass its path as pretrained='/path/se_resnet50-ce0d4300.pth'"
             ) from e
     return target
-
-StateDictReader = Callable[[Path, nn.Module], dict]
