@@ -1,4 +1,5 @@
-"""2D image reading, dataset layouts, the resizing dataset and the synthetic MVTec writer."""
+"""2D image reading (data.decoding), dataset layouts (data.layouts), the resizing dataset (data.images)
+and the synthetic MVTec writer."""
 
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ import tifffile
 import torch
 from PIL import Image
 
-from monai_multiad.data.images import (
-    check_mask_size,
-    check_masks,
-    AnomalyImageDataset,
+import monai_multiad.data
+import monai_multiad.data.images
+from monai_multiad.data.decoding import read_image, read_mask
+from monai_multiad.data.images import AnomalyImageDataset, check_mask_size, check_masks, restore_size
+from monai_multiad.data.layouts import (
     bmad_samples,
     detect_layout,
     folder_samples,
     list_images,
     mvtec_samples,
-    read_image,
-    read_mask,
-    restore_size,
     samples_for,
     split_normals,
 )
@@ -341,6 +340,26 @@ def test_bmad_layout(tmp_path, img_level):
         assert s[4]["mask"] is None and s[4]["defect"] == "Ungood"
     ds = AnomalyImageDataset(bmad_samples(root, "test"), image_size=8, in_channels=1)
     assert ds[2]["mask"].sum() > 0 and ds[2]["image"].shape == (1, 8, 8)
+
+
+def test_detect_layout_finds_volume_folders(tmp_path):
+    """The one layout detector also knows volume folders, which the 2D sample lists refuse by name."""
+    flat, nested, listed = tmp_path / "flat", tmp_path / "nested", tmp_path / "listed"
+    for folder in (flat, nested / "case1", listed):
+        folder.mkdir(parents=True)
+    (flat / "case1.NII.GZ").write_bytes(b"")
+    (nested / "case1" / "t1.nii").write_bytes(b"")
+    (listed / "splits.json").write_text("{}")
+    (listed / "train" / "good").mkdir(parents=True)  # splits.json wins over a 2D-looking folder
+    assert [detect_layout(root) for root in (flat, nested, listed)] == ["volumes"] * 3
+    with pytest.raises(MultiADInputError, match="folder of volumes") as err:
+        samples_for(flat, "train")
+    assert str(flat) in str(err.value)
+
+
+def test_public_names_are_importable_from_the_package_and_images():
+    for name in monai_multiad.data.images.__all__:
+        assert getattr(monai_multiad.data, name) is getattr(monai_multiad.data.images, name)
 
 
 def test_layout_errors_name_the_folder(tmp_path):
