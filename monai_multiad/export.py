@@ -4,9 +4,11 @@ MONAI bundles' ``ckpt_export``.
 Every exported graph takes what the trained model takes, an image batch ``(B, C, H, W)`` float32
 in [0, 1] (C = the run's ``in_channels``), and returns ``(anomaly_map (B, 1, H, W), score (B,))``
 with the fusion statistics (``fusion.scale``, ``fusion.threshold``) baked in. The batch axis is
-dynamic; the spatial size is the one exported at (``image_size``, the run's training size):
-``stage_anomaly_maps`` turns the input size into Python ints, which tracing records as constants
-(the TorchScript file refuses other sizes, see :class:`ShapeGuard`; ONNX declares them fixed).
+dynamic; the spatial size is the one exported at (``image_size``, the run's training size, at which
+the fusion statistics and the threshold were fitted). The traced graph itself follows the input's
+size (:func:`~monai_multiad.networks.fusion.stage_anomaly_maps` passes ``x.shape`` on without
+``int()``, so tracing records it as a size, not a constant); the size is fixed on purpose: the
+TorchScript file refuses other sizes (:class:`ShapeGuard`) and ONNX declares them fixed.
 
 Notes on what had to be worked around (and why the exported graphs still equal the model):
 
@@ -82,7 +84,7 @@ def _metadata(model: MultiAD, image_size: int) -> str:
 
 class ShapeGuard(nn.Module):
     """Scripted around the traced network: a (B, C, H, W) input of another C, H or W is an error
-    (the trace has the size baked in and would return maps of the traced size)."""
+    (the trace would run it, but the fusion statistics and threshold hold for the exported size only)."""
 
     def __init__(self, net: nn.Module, channels: int, size: int) -> None:
         super().__init__()
@@ -105,14 +107,14 @@ def export_torchscript(
     ``torch.jit.load(path)(x)`` with ``x`` (B, C, image_size, image_size) in [0, 1] gives
     ``(anomaly_map, score)`` like the model, for any B. With ``guard`` (default) the traced graph
     is wrapped in a scripted :class:`ShapeGuard`, so another C, H or W raises an error instead of
-    silently giving maps of the traced size. The file also holds ``multiad.json`` (shapes,
+    giving scores on another scale than the threshold's. The file also holds ``multiad.json`` (shapes,
     threshold; read with ``torch.jit.load(path, _extra_files={"multiad.json": ""})``).
     """
     model = inference_copy(resolve_model(model_or_run))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings (sizes and sigma become constants), jit deprecation
+        warnings.simplefilter("ignore")  # tracer warnings (python values recorded as constants), jit deprecation
         module = torch.jit.trace(model, _example(model, image_size), check_trace=False)
         if guard:
             module = torch.jit.script(ShapeGuard(module, model.in_channels, image_size))

@@ -68,11 +68,22 @@ def test_torchscript_same_maps_any_batch(model, tmp_path):
     assert _max_diff(model, _ts_runner(path)) < TOL  # traced at batch 2; 1 and 3 work too
     assert model.check_inputs and model.discriminator is not None  # the model itself is untouched
     with pytest.raises(Exception, match=r"expected an image batch \(B, 3, 64, 64\)"):
-        torch.jit.load(str(path))(_batch(2, size=2 * SIZE))  # the trace bakes the size in: refused
+        torch.jit.load(str(path))(_batch(2, size=2 * SIZE))  # the threshold holds at the exported size only
     extra = {"multiad.json": ""}
     torch.jit.load(str(path), _extra_files=extra)
     meta = json.loads(extra["multiad.json"])
     assert meta["threshold"] == 1.0 and meta["inputs"]["image"]["shape"][2:] == [SIZE, SIZE]
+
+
+def test_the_trace_follows_the_input_size(model, tmp_path):
+    """Tracing records the map size as the input's size, not a constant (fusion.stage_anomaly_maps takes
+    no int()): without the guard, another size gives the model's maps at that size."""
+    traced = torch.jit.load(str(export_torchscript(model, tmp_path / "bare.ts", image_size=SIZE, guard=False)))
+    x = _batch(1, size=SIZE + 32)
+    with torch.no_grad():
+        (amap, score), (ref_map, ref_score) = traced(x), model(x)
+    assert amap.shape == (1, 1, SIZE + 32, SIZE + 32)
+    assert float((amap - ref_map).abs().max()) < TOL and float((score - ref_score).abs().max()) < TOL
 
 
 def test_onnx_same_maps_dynamic_batch(model, tmp_path):

@@ -2,12 +2,13 @@
 
 Paper: per-stage maps ``M_k = 1 - cos(F_Tk, F_Sk)`` are upsampled to the input size,
 combined element-wise (sum or product), passed through 1x1 conv + BN + ReLU and smoothed by a
-Gaussian. Without anomaly labels the 1x1 conv + BN cannot be trained, so here it is fitted on
-normal images: each stage map is divided by its mean value over normal validation pixels
-(``scale``), which puts the stages in one unit ("times the normal level": 1 is a typical
-normal pixel) before they are combined. A bias would only shift the sum and a ReLU of
-non-negative maps does nothing, so the map stays 0 exactly where the student matches the
-teacher, and ranking is unchanged by the missing terms.
+Gaussian. Without anomaly labels the 1x1 conv + BN cannot be trained, so here its unsupervised
+equivalent is fitted on normal images: each stage map gets an offset and a scale from normal
+validation pixels (:class:`AnomalyMapFusion`; the run's ``map_normalization``: a z-score by
+default, the mean, or EfficientAD's quantiles), which puts the stages in one unit before they are
+combined, and the ReLU clips what lies below the normal level. The Gaussian is
+:class:`GaussianSmoothing`: the kernel of MONAI's ``GaussianFilter`` (``gaussian_1d``) built once as
+a buffer, not ``GaussianFilter`` itself.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class AnomalyMapFusion(nn.Module):
     """Fuse per-stage maps (B, K, H, W) into an anomaly map (B, 1, H, W) and a score (B,).
 
     Each stage map is put in one unit before the stages are combined: ``z_k = (M_k - offset_k) /
-    scale_k``, both fitted on normal images (:meth:`set_statistics`). With ``normalization="mean"``
+    scale_k``, both fitted on normal images (:meth:`set_statistics`, given them by
+    :func:`~monai_multiad.engines.evaluator.fit_fusion`). With ``normalization="mean"``
     the offset is 0 and the scale the stage's mean over normal pixels (1 is a typical normal
     pixel); with ``"zscore"`` the offset is the stage's mean and the scale its standard deviation
     over normal pixels; with ``"quantile"`` (EfficientAD's map normalisation) the offset is the 0.9 quantile
