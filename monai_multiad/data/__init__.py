@@ -1,49 +1,17 @@
 """Datasets: 2D images (:mod:`~monai_multiad.data.decoding` reads the files,
 :mod:`~monai_multiad.data.layouts` finds a folder's layout and samples, :mod:`~monai_multiad.data.images`
-is the resizing dataset) and volumes cut into slices (:mod:`~monai_multiad.data.volumes`)."""
+is the resizing dataset) and volumes cut into slices (:mod:`~monai_multiad.data.volumes`).
 
-from monai_multiad.data.images import (
-    IMAGE_EXTENSIONS,
-    LAYOUTS,
-    AnomalyImageDataset,
-    bmad_samples,
-    check_mask_size,
-    check_masks,
-    detect_layout,
-    folder_layout_samples,
-    folder_samples,
-    list_images,
-    mvtec_samples,
-    read_image,
-    read_image_array,
-    read_mask,
-    resize_image,
-    restore_size,
-    samples_for,
-    split_normals,
-    to_channels,
-    unit_image,
-)
+The 2D image API (:data:`monai_multiad.data.images.__all__`) is importable from here, loaded on first use.
+"""
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "read_image",
-    "read_image_array",
-    "unit_image",
-    "read_mask",
-    "resize_image",
-    "to_channels",
-    "list_images",
-    "mvtec_samples",
-    "folder_samples",
-    "folder_layout_samples",
-    "bmad_samples",
-    "LAYOUTS",
-    "detect_layout",
-    "samples_for",
-    "split_normals",
-    "check_mask_size",
-    "check_masks",
-    "AnomalyImageDataset",
-    "restore_size",
-]
+from importlib import import_module
+
+
+def __getattr__(name: str):
+    images = import_module("monai_multiad.data.images")
+    if name == "__all__":
+        return list(images.__all__)
+    if name in images.__all__:
+        return getattr(images, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,54 +17,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from monai_multiad.data import decoding as _decoding, layouts as _layouts
-from monai_multiad.data.decoding import (
-    IMAGE_EXTENSIONS,
-    _header_size,
-    read_image,
-    read_image_array,
-    read_mask,
-    to_channels,
-    unit_image,
-)
-from monai_multiad.data.layouts import (
-    LAYOUTS,
-    bmad_samples,
-    detect_layout,
-    folder_layout_samples,
-    folder_samples,
-    list_images,
-    mvtec_samples,
-    samples_for,
-    split_normals,
-)
+from monai_multiad.data import decoding, layouts
+from monai_multiad.data.decoding import _header_size, read_image, read_mask, to_channels
 from monai_multiad.errors import input_error
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "read_image",
-    "read_image_array",
-    "unit_image",
-    "read_mask",
-    "resize_image",
-    "to_channels",
-    "list_images",
-    "mvtec_samples",
-    "folder_samples",
-    "folder_layout_samples",
-    "bmad_samples",
-    "LAYOUTS",
-    "detect_layout",
-    "samples_for",
-    "split_normals",
-    "check_mask_size",
-    "check_masks",
-    "AnomalyImageDataset",
-    "restore_size",
-]
+__all__ = ["AnomalyImageDataset", "resize_image", "restore_size", "check_mask_size", "check_masks",
+           *decoding.__all__, *layouts.__all__]
 
-#: helpers that data.preprocess and calibration import from here, where they were written first
-_LUMA, _to_unit_float, _is_image = _decoding._LUMA, _decoding._to_unit_float, _layouts._is_image
+
+def __getattr__(name: str):
+    """The readers and layouts (and the helpers data.preprocess and calibration take), importable from here
+    as when this module held them."""
+    for module in (decoding, layouts):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_masks(samples: Sequence[dict]) -> None:
