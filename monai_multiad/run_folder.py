@@ -137,7 +137,7 @@ BEST_OBJECTS = ("student", "discriminator")
 def best_checkpointer(trainer, run_dir: str | Path) -> Checkpoint:
     """The Ignite ``Checkpoint`` keeping the student (and discriminator) of the epoch with the lowest
     validation loss as ``<run_dir>/checkpoints/best_checkpoint_<epoch>_neg_val_loss=<score>.pt``.
-    Attach it to the validation engine's ``COMPLETED`` (its ``state.metrics["val_loss"]``);
+    Attach it to the validation evaluator's ``COMPLETED`` (its key metric, ``state.metrics["val_loss"]``);
     ``trainer`` is the :class:`~monai_multiad.engines.trainer.MultiADTrainer` (the epoch in the name)."""
     objects = {k: v for k, v in trainer.checkpoint_objects().items() if k in BEST_OBJECTS}
     return Checkpoint(
@@ -146,7 +146,7 @@ def best_checkpointer(trainer, run_dir: str | Path) -> Checkpoint:
         filename_prefix="best",
         # one name whatever the objects (Ignite names a lone object's file after its key)
         filename_pattern="{filename_prefix}_checkpoint_{global_step}_{score_name}={score}.{ext}",
-        score_function=lambda e: -e.state.metrics["val_loss"],
+        score_function=Checkpoint.get_default_score_fn("val_loss", -1.0),  # the evaluator's key metric, lower better
         score_name="neg_val_loss",
         n_saved=1,
         global_step_transform=lambda *_: trainer.state.epoch,
@@ -168,8 +168,9 @@ def last_checkpointer(trainer, run_dir: str | Path, best: Checkpoint | None = No
 
 class EpochLog:
     """Ignite handler: one row per epoch (mean of each training loss, validation loss, seconds) in
-    ``<run_dir>/log.csv`` and, when ``tensorboard`` is installed, as scalars in ``<run_dir>/tensorboard/``.
-    Rank 0 writes; every rank keeps the rows (``best_val_loss`` of the summary).
+    ``<run_dir>/log.csv`` and, when ``tensorboard`` is installed, as scalars in ``<run_dir>/tensorboard/``
+    (MONAI's ``TensorBoardStatsHandler``, writing the row). Rank 0 writes; every rank keeps the rows
+    (``best_val_loss`` of the summary).
 
     ``attach(trainer, validator)``: losses summed over the trainer's iterations, a row written when
     the epoch completes, with ``validator.state.metrics["val_loss"]``: attach it after the handler
@@ -179,15 +180,23 @@ class EpochLog:
         self.run_dir, self.tensorboard = Path(run_dir).absolute(), tensorboard
         self.rows: list[dict] = []
         self.sums: dict[str, float] = {}
-        self.validator, self.writer, self.started = None, None, time.perf_counter()
+        self.validator, self.tensorboard_stats, self.started = None, None, time.perf_counter()
 
     def attach(self, trainer, validator) -> None:
+        import ignite.distributed as idist
         from ignite.engine import Events
+        from monai.utils import optional_import
 
         self.validator = validator
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+        if self.tensorboard and idist.get_rank() == 0 and optional_import("torch.utils.tensorboard")[1]:
+            from monai.handlers import TensorBoardStatsHandler
+
+            self.tensorboard_stats = TensorBoardStatsHandler(log_dir=str(self.run_dir / "tensorboard"),
+                                                             iteration_log=False, epoch_event_writer=self._scalars)
+            self.tensorboard_stats.attach(trainer)  # after the row is made
 
     def resume(self, log_file: Path, epochs: int) -> None:
         """Go on from a resumed run's ``log.csv``: its rows up to ``epochs`` (:func:`previous_log_rows`)."""
@@ -217,27 +226,20 @@ class EpochLog:
             writer = csv.DictWriter(f, fieldnames=list(row))
             writer.writeheader()
             writer.writerows(self.rows)
-        self._scalars(row)
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
 
-    def _scalars(self, row: dict) -> None:
-        if self.writer is None and self.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self.tensorboard = False
-                return
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "epoch":
-                    self.writer.add_scalar(k, v, row["epoch"])
-            self.writer.flush()
+    def _scalars(self, trainer, writer) -> None:
+        """``TensorBoardStatsHandler``'s epoch writer: the epoch's row, one scalar per column."""
+        row = self.rows[-1]
+        for k, v in row.items():
+            if k != "epoch":
+                writer.add_scalar(k, v, row["epoch"])
+        writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.tensorboard_stats is not None:
+            self.tensorboard_stats.close()
+            self.tensorboard_stats = None
 
 
 def _checkpoint_number(path: Path) -> int:

@@ -2,8 +2,10 @@
 
 The one place where a training run is assembled. ``multiad train`` calls :func:`train`; the
 bundles' ``train.json`` instantiates the same objects from JSON, each a ``_target_`` entry there:
-the network, datasets, loaders and trainer (:func:`build_network`, :func:`build_datasets`,
-:func:`build_loader`, :func:`build_trainer`), the validation engine, the run folder's handlers
+the network, datasets, loaders, optimisers and trainer (:func:`build_network`, :func:`build_datasets`,
+:func:`build_loader`, :func:`build_optimizer`, :func:`build_discriminator_optimizer`,
+:func:`build_trainer`), the validation evaluator with its key metric and MONAI's ``ValidationHandler``
+and ``EarlyStopHandler`` (:mod:`monai_multiad.engines.evaluator`), the run folder's handlers
 (:class:`~monai_multiad.run_folder.EpochLog`, :func:`~monai_multiad.run_folder.best_checkpointer`,
 :func:`~monai_multiad.run_folder.last_checkpointer`), and calls the same steps:
 :func:`attach_run_handlers`, :func:`resume_or_start`, :func:`run_training`, :func:`finish_run`.
@@ -27,13 +29,14 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Events
-from ignite.handlers import Checkpoint, EarlyStopping, TerminateOnNan
+from ignite.handlers import Checkpoint, TerminateOnNan
+from monai.handlers import ValidationHandler
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from monai_multiad.config import RunConfig
 from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnorm_momentum
-from monai_multiad.engines.evaluator import fit_fusion, validation_loss
+from monai_multiad.engines.evaluator import DistillationEvaluator, EarlyStop, distillation_loss_metric, fit_fusion
 from monai_multiad.engines.trainer import MultiADTrainer
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.outputs import write_json
@@ -55,6 +58,8 @@ __all__ = [
     "build_network",
     "build_datasets",
     "build_loader",
+    "build_optimizer",
+    "build_discriminator_optimizer",
     "build_trainer",
     "attach_run_handlers",
     "resume_or_start",
@@ -215,11 +220,23 @@ def fit_feature_statistics(network: MultiAD, loader, max_images: int = 512) -> N
     network.set_feature_statistics(batches())
 
 
-def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device) -> MultiADTrainer:
-    optimizer = build_optimizer(cfg, network)
-    d_optimizer = None
-    if network.discriminator is not None:
-        d_optimizer = torch.optim.Adam(network.discriminator.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
+def build_discriminator_optimizer(cfg: RunConfig, network: MultiAD) -> torch.optim.Optimizer | None:
+    """Adam for the discriminator's parameters (``None`` without a discriminator)."""
+    if network.discriminator is None:
+        return None
+    return torch.optim.Adam(network.discriminator.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
+
+
+def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device,
+                  optimizer: torch.optim.Optimizer | None = None, d_optimizer: torch.optim.Optimizer | None = None,
+                  handlers: list | None = None) -> MultiADTrainer:
+    """The :class:`MultiADTrainer` of ``cfg``. The optimisers (built by :func:`build_optimizer` and
+    :func:`build_discriminator_optimizer` when not given) are the bundles' ``train#optimizer`` and
+    ``train#d_optimizer``; the learning-rate schedule is :func:`build_scheduler`'s; ``handlers``
+    (the validation's ``ValidationHandler`` first) are attached as the trainer is built."""
+    optimizer = optimizer if optimizer is not None else build_optimizer(cfg, network)
+    if d_optimizer is None:
+        d_optimizer = build_discriminator_optimizer(cfg, network)
     return MultiADTrainer(
         device=device,
         max_epochs=cfg.epochs,
@@ -234,40 +251,36 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         augment_flips=cfg.augment_flips,
         lr_scheduler=build_scheduler(cfg, optimizer, len(loader)),
         seed=cfg.seed,
+        train_handlers=handlers,
     )
 
 
 def attach_run_handlers(
     trainer: MultiADTrainer,
-    validator,
-    val_loader,
-    recalibration: BatchNormRecalibration,
+    evaluator: DistillationEvaluator,
     log: EpochLog,
     best: Checkpoint,
     last: Checkpoint,
-    early_stopping: EarlyStopping | None = None,
+    early_stopping: EarlyStop | None = None,
     max_steps: int = 0,
     progress: bool = False,
 ) -> None:
-    """Wire a training run's handlers, as ``multiad train`` and the bundles' ``train.json`` both do:
-    after each training epoch the validation engine runs on ``val_loader`` (every rank, on every
-    held-out normal; under ``ignite.distributed`` rank 0's loss is broadcast, so early stopping and
-    "best" agree), starting with the student's BatchNorm re-estimation (``recalibration``); then
-    ``log`` writes the epoch's row, ``best`` and ``last`` save (rank 0) and ``early_stopping`` counts.
-    ``max_steps`` > 0 ends training after that many iterations; ``progress`` shows a bar on a terminal."""
+    """Wire a training run's handlers, as ``multiad train`` and the bundles' ``train.json`` both do.
+    After each training epoch the trainer's ``ValidationHandler`` (one of its ``train_handlers``,
+    :func:`build_trainer`) runs ``evaluator``, a
+    :class:`~monai_multiad.engines.evaluator.DistillationEvaluator` (every rank, on every held-out
+    normal; its ``val_loss`` metric is reduced across ranks, so early stopping and "best" agree);
+    ``early_stopping`` counts and ``best`` saves on that key metric (rank 0); then ``log`` writes the
+    epoch's row and ``last`` saves (rank 0). ``max_steps`` > 0 ends training after
+    that many iterations; ``progress`` shows a bar on a terminal."""
     rank0 = idist.get_rank() == 0
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: validator.run(val_loader))
-    log.attach(trainer, validator)  # the epoch's row once it is validated and its best checkpoint written
-    recalibration.attach(validator)  # eval mode must see the student that was trained (BatchNorm statistics)
-    if idist.get_world_size() > 1:
-        validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(
-            val_loss=float(idist.broadcast(e.state.metrics["val_loss"], src=0))))
+    log.attach(trainer, evaluator)  # the epoch's row once it is validated and its best checkpoint written
     if rank0:  # a SIGTERM while a checkpoint is written takes effect once it is written whole
-        validator.add_event_handler(Events.COMPLETED, _uninterrupted(best))
+        evaluator.add_event_handler(Events.COMPLETED, _uninterrupted(best))
         trainer.add_event_handler(Events.EPOCH_COMPLETED, _uninterrupted(last))  # after validation: this epoch's best
     if early_stopping is not None:
-        validator.add_event_handler(Events.COMPLETED, early_stopping)
+        early_stopping.attach(evaluator)
     if max_steps > 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=max_steps), lambda e: e.terminate())
     if progress and rank0 and sys.stderr.isatty():
@@ -407,19 +420,19 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     recalibration = BatchNormRecalibration(network, normals, cfg.bn_recalibrate, device)
     # every rank validates and fits the fusion on all held-out normals (not a DistributedSampler shard)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-    trainer = build_trainer(cfg, network, loader, device)
+    evaluator = DistillationEvaluator(device, val_loader, network, {"val_loss": distillation_loss_metric()},
+                                      val_handlers=[recalibration])
+    trainer = build_trainer(cfg, network, loader, device, handlers=[ValidationHandler(1, evaluator)])
     run_dir = start_run_folder(run_dir, cfg)
 
-    validator = validation_loss(network, device)
     early_stopping = None
     if cfg.early_stop_patience > 0:
-        early_stopping = EarlyStopping(cfg.early_stop_patience, lambda e: -e.state.metrics["val_loss"], trainer,
-                                       min_delta=1e-4)
+        early_stopping = EarlyStop(cfg.early_stop_patience, Checkpoint.get_default_score_fn("val_loss", -1.0),
+                                   trainer, min_delta=1e-4)
     best = best_checkpointer(trainer, run_dir)
     last = last_checkpointer(trainer, run_dir, best, early_stopping)
     log = EpochLog(run_dir)
-    attach_run_handlers(trainer, validator, val_loader, recalibration, log, best, last, early_stopping,
-                        cfg.max_steps, progress)
+    attach_run_handlers(trainer, evaluator, log, best, last, early_stopping, cfg.max_steps, progress)
     resume_or_start(resume, last, best, log, cfg)
     run_training(trainer)
     return finish_run(cfg, trainer, val_loader, run_dir, best, log, recalibration, len(train_ds))

@@ -246,8 +246,6 @@ def test_interrupted_training_finishes_from_best_epoch(textures, tmp_path, monke
     worse), not the last one, and the fusion is fitted."""
     import signal
 
-    from ignite.engine import Events
-
     import monai_multiad.workflow as workflow
     from monai_multiad.engines.trainer import MultiADTrainer
 
@@ -262,16 +260,16 @@ def test_interrupted_training_finishes_from_best_epoch(textures, tmp_path, monke
             pytest.fail("SIGTERM did not interrupt training")
         return original(self, engine, batch)
 
-    real_validation_loss = workflow.validation_loss
+    real_metric = workflow.distillation_loss_metric
     made_up = iter([1.0, 2.0])  # epoch 1 best, epoch 2 worse
 
-    def validation_loss_of_epoch(network, device):
-        engine = real_validation_loss(network, device)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_loss=next(made_up)))
-        return engine
+    def validation_loss_of_epoch():
+        metric = real_metric()
+        metric.compute = lambda: next(made_up)  # the evaluator's key metric, as Ignite computes it
+        return metric
 
     monkeypatch.setattr(MultiADTrainer, "_iteration", interrupt_in_third_epoch)
-    monkeypatch.setattr(workflow, "validation_loss", validation_loss_of_epoch)
+    monkeypatch.setattr(workflow, "distillation_loss_metric", validation_loss_of_epoch)
     cfg = RunConfig(dataset_dir=str(textures), image_size=64, batch_size=8, epochs=5, early_stop_patience=0,
                     discriminator_channels=(16,), device="cpu", val_fraction=0.2)
     run = tmp_path / "run"

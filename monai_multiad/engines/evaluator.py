@@ -1,20 +1,26 @@
-"""Evaluation and calibration engines: anomaly maps and scores for every batch, metrics as
-Ignite metrics attached to the engine, and the fitting of the fusion statistics on normals."""
+"""Evaluation, validation and calibration: :class:`MultiADEvaluator` (anomaly maps and scores for
+every batch, metrics as Ignite metrics attached to the engine), :class:`DistillationEvaluator` (the
+training run's validation: mean distillation loss on held-out normals as its key metric, with
+:func:`distillation_loss_metric` and :class:`EarlyStop`), and :func:`fit_fusion` (the fusion
+statistics fitted on normals)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.metrics import Loss
 from monai.engines import Evaluator
+from monai.handlers import EarlyStopHandler
 
 from monai_multiad.errors import MultiADInputError
+from monai_multiad.losses import DistillationLoss
 from monai_multiad.networks import MultiAD
 
-__all__ = ["MultiADEvaluator", "fit_fusion", "validation_loss"]
+__all__ = ["DistillationEvaluator", "EarlyStop", "MultiADEvaluator", "distillation_loss_metric", "fit_fusion"]
 
 
 def _prepare(batchdata: Any, device: torch.device, non_blocking: bool = False, **kwargs) -> dict[str, Any]:
@@ -145,35 +151,68 @@ def fit_fusion(
     }
 
 
-def validation_loss(network: MultiAD, device: torch.device | str = "cpu") -> Engine:
-    """An Ignite engine computing the mean distillation loss on normal validation images
-    (``engine.state.metrics["val_loss"]``): the unsupervised model-selection criterion."""
-    from monai_multiad.losses import DistillationLoss
+class DistillationEvaluator(Evaluator):
+    """The validation engine of a training run: teacher and student features of held-out normal
+    images, in eval mode. Its key metric, ``state.metrics["val_loss"]``, is the mean distillation
+    loss over those images (:func:`distillation_loss_metric`, an Ignite ``Loss``, reduced across
+    ranks under ``ignite.distributed``): the unsupervised model-selection criterion, lower is better
+    (``state.best_metric``). MONAI's ``ValidationHandler`` runs it after each training epoch.
 
-    loss_fn = DistillationLoss()
-    device = torch.device(device)
+    Args:
+        device: where to run.
+        val_data_loader: batches of dicts with ``"image"`` (B, C, H, W) in [0, 1].
+        network: the :class:`MultiAD` being trained.
+        key_val_metric: ``{"val_loss": distillation_loss_metric()}`` when not given.
+        val_handlers: as ``monai.engines.Evaluator``; the student's BatchNorm re-estimation
+            (:class:`~monai_multiad.engines.batchnorm.BatchNormRecalibration`) belongs here, so the
+            engine sees the student that was trained.
 
-    def step(engine: Engine, batchdata: Any) -> tuple[float, int]:
-        network.eval()
-        images = _prepare(batchdata, device)["image"]
+    The engine's output per batch is ``{"teacher": [F_T1..F_T4], "student": [F_S1..F_S4]}``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Iterable,
+        network: MultiAD,
+        key_val_metric: dict | None = None,
+        val_handlers: Sequence | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        device = torch.device(device)
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            non_blocking=non_blocking,
+            prepare_batch=_prepare,
+            key_val_metric=key_val_metric or {"val_loss": distillation_loss_metric()},
+            metric_cmp_fn=operator.lt,  # a loss: lower is better
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+        self.network = network
+
+    def _iteration(self, engine: DistillationEvaluator, batchdata: Any) -> dict[str, list[torch.Tensor]]:
+        images = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)["image"]
+        engine.network.eval()
         with torch.no_grad():
-            t, s = network.features(images)
-            return float(loss_fn(t, s)), images.shape[0]
+            teacher, student = engine.network.features(images)
+        return {"teacher": teacher, "student": student}
 
-    engine = Engine(step)
 
-    @engine.on(Events.EPOCH_STARTED)
-    def _reset(e: Engine) -> None:
-        e.state.loss_sum, e.state.loss_n = 0.0, 0
+def distillation_loss_metric(device: torch.device | str = "cpu") -> Loss:
+    """Ignite ``Loss``: the mean over images of the (unweighted, all-positions) distillation loss
+    of :class:`DistillationEvaluator`'s outputs; summed across ranks under ``ignite.distributed``."""
+    return Loss(DistillationLoss(), output_transform=lambda out: (out["teacher"], out["student"]),
+                batch_size=lambda student: student[0].shape[0], device=device)
 
-    @engine.on(Events.ITERATION_COMPLETED)
-    def _accumulate(e: Engine) -> None:
-        loss, n = e.state.output
-        e.state.loss_sum += loss * n
-        e.state.loss_n += n
 
-    @engine.on(Events.EPOCH_COMPLETED)
-    def _compute(e: Engine) -> None:
-        e.state.metrics["val_loss"] = e.state.loss_sum / max(e.state.loss_n, 1)
+class EarlyStop(EarlyStopHandler):
+    """MONAI's ``EarlyStopHandler`` whose count a checkpoint saves and loads (``state_dict``, that of
+    the Ignite ``EarlyStopping`` it runs), so a resumed run goes on counting epochs without progress."""
 
-    return engine
+    def state_dict(self) -> dict:
+        return self._handler.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._handler.load_state_dict(state_dict)
