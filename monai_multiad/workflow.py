@@ -29,7 +29,7 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Events
-from ignite.handlers import Checkpoint, TerminateOnNan
+from ignite.handlers import Checkpoint
 from monai.handlers import ValidationHandler
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -272,9 +272,11 @@ def attach_run_handlers(
     normal; its ``val_loss`` metric is reduced across ranks, so early stopping and "best" agree);
     ``early_stopping`` counts and ``best`` saves on that key metric (rank 0); then ``log`` writes the
     epoch's row and ``last`` saves (rank 0). ``max_steps`` > 0 ends training after
-    that many iterations; ``progress`` shows a bar on a terminal."""
+    that many iterations; ``progress`` shows a bar on a terminal.
+
+    A non-finite training loss ends the run with a ``FloatingPointError`` from the trainer's step
+    (``MultiADTrainer._backward_step``), before any handler could see it."""
     rank0 = idist.get_rank() == 0
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=lambda o: o["loss"]))
     log.attach(trainer, evaluator)  # the epoch's row once it is validated and its best checkpoint written
     if rank0:  # a SIGTERM while a checkpoint is written takes effect once it is written whole
         evaluator.add_event_handler(Events.COMPLETED, _uninterrupted(best))

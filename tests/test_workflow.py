@@ -290,3 +290,15 @@ def test_interrupted_training_finishes_from_best_epoch(textures, tmp_path, monke
     assert any(not torch.equal(saved_student[k], v) for k, v in last_student.items())  # epoch 2 trained on
     model, _, _ = load_model(run)
     assert model.fusion.fitted
+
+
+def test_a_non_finite_loss_ends_training_with_the_iteration_named(textures, tmp_path, monkeypatch):
+    """The trainer's step refuses a non-finite loss before any update or handler (hence no TerminateOnNan)."""
+    from monai_multiad.losses import DistillationLoss
+
+    monkeypatch.setattr(DistillationLoss, "forward", lambda self, teacher, student: torch.tensor(float("nan")))
+    cfg = RunConfig(dataset_dir=str(textures), image_size=64, batch_size=8, epochs=1, early_stop_patience=0,
+                    discriminator_channels=(16,), device="cpu", val_fraction=0.2)
+    with pytest.raises(FloatingPointError, match="training loss became nan at iteration 1"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
