@@ -16,7 +16,8 @@ The bundles' ``train.json`` builds a training run with the objects and steps ``m
 * :func:`check_command_line`, :func:`require_dataset_dir`, :func:`~monai_multiad.outputs.check_output_dir`:
   early checks of the command line (an option no config names), the dataset folder and an output
   folder, each a one-line error;
-* :func:`image_inputs`, :func:`volume_scans`: what inference reads from a folder;
+* :func:`image_inputs`, :func:`volume_scans`: what inference reads from a folder; :func:`flag`: a
+  yes/no option as a shell passes it (``--rescreen true``);
 * :func:`prepare_run_dir`: the run folder checked, created, and its ``config.json``.
 
 This module sits at the top floor, beside the CLI: it may import from anything below it.
@@ -42,6 +43,7 @@ __all__ = [
     "anomaly_map_network",
     "check_command_line",
     "check_output_dir",
+    "flag",
     "image_inputs",
     "install_error_hook",
     "prepare_run_dir",
@@ -63,9 +65,8 @@ def run_config(**options: Any) -> RunConfig:
     bools = {f.name for f in fields(RunConfig) if isinstance(f.default, bool)}
     clean = dict(options)
     for name in bools & set(clean):
-        value = clean[name]
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            clean[name] = value.strip().lower() in _TRUE
+        if isinstance(clean[name], str) and clean[name].strip().lower() in _TRUE + _FALSE:
+            clean[name] = flag(clean[name], name)
     if isinstance(clean.get("discriminator_channels"), tuple):
         clean["discriminator_channels"] = list(clean["discriminator_channels"])
     if isinstance(clean.get("dataset_dir"), str) and clean["dataset_dir"].strip():
@@ -77,6 +78,17 @@ def run_config(**options: Any) -> RunConfig:
 
         cfg = resolve_options(cfg)  # e.g. foreground "auto" -> on for volumes, as `multiad train` records it
     return cfg
+
+
+def flag(value: Any, option: str) -> bool:
+    """A bundle option's boolean: ``True``/``False``, or the strings a shell passes (``true``/``false``,
+    ``yes``/``no``, ``on``/``off``, ``1``/``0``, any case); anything else is a :class:`MultiADInputError`."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise MultiADInputError(f"--{option} {value!r}: expected true or false")
+    return text in _TRUE
 
 
 class AnomalyMapNetwork(MultiAD):

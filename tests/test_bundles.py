@@ -26,6 +26,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="metadata validation needs
 from monai_multiad.bundle_support import (  # noqa: E402
     anomaly_map_network,
     check_command_line,
+    flag,
     install_error_hook,
     run_config,
 )
@@ -168,22 +169,28 @@ def test_industrial_train_evaluate_inference(industrial):
     assert summary["best_checkpoint"] == best.name
     assert "val_loss" in industrial["train"].stdout + industrial["train"].stderr
 
+    # evaluate.json's top-level --output_dir takes effect (its default is bundle_root/eval)
     proc = bundle("multiad_industrial", "run", "--config_file", "configs/evaluate.json",
-                  "--bundle_root", "bundle_root", "--device", "cpu", cwd=industrial["cwd"])
-    metrics = json.loads((industrial["root"] / "eval" / "metrics.json").read_text())["evaluation"]
+                  "--bundle_root", "bundle_root", "--device", "cpu", "--output_dir", "evaluated", cwd=industrial["cwd"])
+    evaluated_dir = industrial["cwd"] / "evaluated"
+    assert not (industrial["root"] / "eval" / "metrics.json").exists()
+    metrics = json.loads((evaluated_dir / "metrics.json").read_text())["evaluation"]
     assert metrics["num_images"] == 8 and metrics["num_anomalous"] == 4
     # the run's model on the test images, scored here; scikit-learn and the exact AUPRO, not the metrics code
     reference = recompute_evaluation(run)
     assert_evaluation_matches(metrics, reference)
-    evaluated = _scores_csv(industrial["root"] / "eval" / "scores.csv")
+    evaluated = _scores_csv(evaluated_dir / "scores.csv")
     assert evaluated.keys() == reference["scores"].keys()
     for path, score in evaluated.items():
         assert score == pytest.approx(reference["scores"][path], rel=1e-6, abs=1e-9), path
-    assert "image_auroc" in proc.stdout and (industrial["root"] / "eval" / "contact_sheet.png").is_file()
+    assert "image_auroc" in proc.stdout and (evaluated_dir / "contact_sheet.png").is_file()
 
-    out = industrial["root"] / "eval" / "predictions"
+    # and inference.json's (default bundle_root/eval/predictions)
+    out = industrial["cwd"] / "predicted"
     bundle("multiad_industrial", "run", "--config_file", "configs/inference.json", "--bundle_root",
-           "bundle_root", "--dataset_dir", "bottle", "--device", "cpu", cwd=industrial["cwd"])
+           "bundle_root", "--dataset_dir", "bottle", "--device", "cpu", "--output_dir", "predicted",
+           cwd=industrial["cwd"])
+    assert not (industrial["root"] / "eval" / "predictions").exists()
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 8 and all(Path(p["overlay"]).is_file() for p in predictions)
     # inference scores each image as evaluation did, and flags it against the run's fitted threshold
@@ -248,10 +255,12 @@ def test_brain_train_evaluate_screen(brain):
     for path, score in evaluated.items():
         assert score == pytest.approx(reference["scores"][path], rel=1e-6, abs=1e-9), path
 
+    # a top-level option of `multiad screen` (--map-format) given to inference.json takes effect
     proc = bundle("multiad_brain_mri", "run", "--config_file", "configs/inference.json", "--bundle_root",
-                  "bundle_root", "--dataset_dir", "volumes", "--device", "cpu", cwd=brain["cwd"])
+                  "bundle_root", "--dataset_dir", "volumes", "--device", "cpu", "--map_format", "nii", cwd=brain["cwd"])
     report = json.loads((brain["root"] / "eval" / "screening" / "report.json").read_text())
     assert [r["status"] for r in report] == ["ok"]  # the test case of splits.json only
+    assert report[0]["map"].endswith("anomaly_map.nii")
     scan = nib.load(str(brain["data"] / "lesion" / "flair.nii.gz"))
     amap = nib.load(report[0]["map"])
     assert amap.shape == scan.shape and np.allclose(amap.affine, scan.affine)
@@ -309,6 +318,16 @@ def test_run_config_checks_like_the_cli(tmp_path):
         check_command_line(["run", "--config_file", configs, "--early-stop-patience", "1"])
     check_command_line(["run", "--config_file", f"['{configs}']", "--dataset_dir", "/x", "--device", "cpu",
                         "--epochs", "3", "--run_config#epochs", "3", "--train#handlers", "[]"])
+    # evaluate.json and inference.json: their top-level keys are the options, checked the same way
+    evaluate = str(BUNDLES / "multiad_industrial" / "configs" / "evaluate.json")
+    check_command_line(["run", "--config_file", evaluate, "--output_dir", "x", "--layout", "mvtec", "--batch_size", "4"])
+    with pytest.raises(MultiADInputError, match="--output-dir is not an option of this bundle: did you mean --output_dir"):
+        check_command_line(["run", "--config_file", evaluate, "--output-dir", "x"])
+    screen = str(BUNDLES / "multiad_brain_mri" / "configs" / "inference.json")
+    check_command_line(["run", "--config_file", screen, "--window", "brain", "--rescreen", "true", "--workers", "2"])
+    assert flag("True", "rescreen") is True and flag(False, "rescreen") is False
+    with pytest.raises(MultiADInputError, match="--rescreen 'maybe': expected true or false"):
+        flag("maybe", "rescreen")
 
 
 def test_resume_checks_the_checkpoint(industrial):
