@@ -35,6 +35,7 @@ from monai.utils import set_determinism
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from monai_multiad.config import RunConfig
+from monai_multiad.data.images import detect_layout
 from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnorm_momentum
 from monai_multiad.engines.evaluator import DistillationEvaluator, EarlyStop, distillation_loss_metric, fit_fusion
 from monai_multiad.engines.trainer import MultiADTrainer
@@ -99,7 +100,7 @@ def resolve_options(cfg: RunConfig) -> RunConfig:
     volume folders and off for 2D images. The run folder records the settled value."""
     if cfg.foreground != "auto":
         return cfg
-    layout = cfg.layout if cfg.layout != "auto" else _detect_layout(Path(cfg.dataset_dir))
+    layout = cfg.layout if cfg.layout != "auto" else detect_layout(Path(cfg.dataset_dir))
     return dataclasses.replace(cfg, foreground="on" if layout == "volumes" else "off")
 
 
@@ -112,7 +113,7 @@ def build_datasets(cfg: RunConfig, split: str = "train") -> Dataset | tuple[Data
     root = Path(cfg.dataset_dir)
     layout = cfg.layout
     if layout == "auto":
-        layout = _detect_layout(root)
+        layout = detect_layout(root)
     if layout == "volumes":
         from monai_multiad.data.volumes import volume_slice_datasets
 
@@ -126,18 +127,6 @@ def build_datasets(cfg: RunConfig, split: str = "train") -> Dataset | tuple[Data
             raise MultiADInputError(f"{root}: too few normal training images to hold out a validation set")
         return AnomalyImageDataset(train, size, ch, cache=True), AnomalyImageDataset(val, size, ch, cache=True)
     return AnomalyImageDataset(samples_for(root, split, layout), size, ch)
-
-
-def _detect_layout(root: Path) -> str:
-    from monai_multiad.data.images import detect_layout
-
-    if not root.is_dir():
-        raise MultiADInputError(f"{root}: dataset folder not found")
-    if (root / "splits.json").is_file():
-        return "volumes"
-    if any(p.name.lower().endswith((".nii", ".nii.gz")) for p in [*root.glob("*"), *root.glob("*/*")]):
-        return "volumes"
-    return detect_layout(root)
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -302,3 +302,17 @@ def test_a_non_finite_loss_ends_training_with_the_iteration_named(textures, tmp_
     with pytest.raises(FloatingPointError, match="training loss became nan at iteration 1"):
         train(cfg, tmp_path / "run", progress=False)
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+
+
+def test_foreground_auto_is_settled_by_the_detected_layout(textures, tmp_path):
+    """``foreground auto``: on for a volume folder (NIfTI files, or a splits.json), off for 2D images,
+    as data.images.detect_layout finds the layout."""
+    from monai_multiad.workflow import resolve_options
+
+    volumes = tmp_path / "volumes"
+    (volumes / "case_1").mkdir(parents=True)
+    (volumes / "case_1" / "flair.nii.gz").write_bytes(b"")
+    assert resolve_options(RunConfig(dataset_dir=str(volumes))).foreground == "on"
+    assert resolve_options(RunConfig(dataset_dir=str(textures))).foreground == "off"
+    with pytest.raises(MultiADInputError, match="not found"):
+        resolve_options(RunConfig(dataset_dir=str(tmp_path / "missing")))
