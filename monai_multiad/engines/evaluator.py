@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from ignite.metrics import Loss
 from monai.engines import Evaluator
+from monai.engines.utils import default_metric_cmp_fn
 from monai.handlers import EarlyStopHandler
 
 from monai_multiad.errors import MultiADInputError
@@ -42,7 +43,7 @@ class MultiADEvaluator(Evaluator):
         device: where to run.
         val_data_loader: batches of dicts with ``"image"`` in [0, 1].
         network: the trained :class:`MultiAD`.
-        key_val_metric / additional_metrics / val_handlers: as ``monai.engines.Evaluator``.
+        key_val_metric / additional_metrics / val_handlers / metric_cmp_fn: as ``monai.engines.Evaluator``.
         amp: mixed precision on CUDA.
     """
 
@@ -53,9 +54,10 @@ class MultiADEvaluator(Evaluator):
         network: MultiAD,
         key_val_metric: dict | None = None,
         additional_metrics: dict | None = None,
-        val_handlers: list | None = None,
+        val_handlers: Sequence | None = None,
         amp: bool = False,
         non_blocking: bool = False,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -65,6 +67,7 @@ class MultiADEvaluator(Evaluator):
             prepare_batch=_prepare,
             key_val_metric=key_val_metric,
             additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
             val_handlers=val_handlers,
             amp=amp and device.type == "cuda",
             decollate=False,
@@ -151,7 +154,7 @@ def fit_fusion(
     }
 
 
-class DistillationEvaluator(Evaluator):
+class DistillationEvaluator(MultiADEvaluator):
     """The validation engine of a training run: teacher and student features of held-out normal
     images, in eval mode. Its key metric, ``state.metrics["val_loss"]``, is the mean distillation
     loss over those images (:func:`distillation_loss_metric`, an Ignite ``Loss``, reduced across
@@ -163,34 +166,18 @@ class DistillationEvaluator(Evaluator):
         val_data_loader: batches of dicts with ``"image"`` (B, C, H, W) in [0, 1].
         network: the :class:`MultiAD` being trained.
         key_val_metric: ``{"val_loss": distillation_loss_metric()}`` when not given.
-        val_handlers: as ``monai.engines.Evaluator``; the student's BatchNorm re-estimation
-            (:class:`~monai_multiad.engines.batchnorm.BatchNormRecalibration`) belongs here, so the
-            engine sees the student that was trained.
+        kwargs: as :class:`MultiADEvaluator`; among them ``val_handlers``, where the student's
+            BatchNorm re-estimation (:class:`~monai_multiad.engines.batchnorm.BatchNormRecalibration`)
+            belongs, so the engine sees the student that was trained.
 
     The engine's output per batch is ``{"teacher": [F_T1..F_T4], "student": [F_S1..F_S4]}``.
     """
 
-    def __init__(
-        self,
-        device: torch.device | str,
-        val_data_loader: Iterable,
-        network: MultiAD,
-        key_val_metric: dict | None = None,
-        val_handlers: Sequence | None = None,
-        non_blocking: bool = False,
-    ) -> None:
-        device = torch.device(device)
-        super().__init__(
-            device=device,
-            val_data_loader=val_data_loader,
-            non_blocking=non_blocking,
-            prepare_batch=_prepare,
-            key_val_metric=key_val_metric or {"val_loss": distillation_loss_metric()},
-            metric_cmp_fn=operator.lt,  # a loss: lower is better
-            val_handlers=val_handlers,
-            decollate=False,
-        )
-        self.network = network
+    def __init__(self, device: torch.device | str, val_data_loader: Iterable, network: MultiAD,
+                 key_val_metric: dict | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("metric_cmp_fn", operator.lt)  # a loss: lower is better
+        super().__init__(device, val_data_loader, network, key_val_metric or {"val_loss": distillation_loss_metric()},
+                         **kwargs)
 
     def _iteration(self, engine: DistillationEvaluator, batchdata: Any) -> dict[str, list[torch.Tensor]]:
         images = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)["image"]
