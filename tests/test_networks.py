@@ -218,6 +218,23 @@ def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return GaussianFilter(spatial_dims=2, sigma=sigma, truncated=4.0, approx="erf")(x)
 
 
+@pytest.mark.parametrize("sigma,size", [(4.0, (64, 96)), (2.0, (41, 57)), (4.0, (20, 12)), (0.5, (9, 13))])
+def test_gaussian_smoothing_is_monai_gaussian_filter_eager_and_traced(sigma, size):
+    """Eager (banded matrix products), traced and scripted-export (conv2d) smoothing all equal
+    MONAI's GaussianFilter, also where the 33-tap kernel is longer than the map; the traced one
+    follows a size other than the one it was traced at."""
+    from monai_multiad.networks.fusion import GaussianSmoothing
+
+    torch.manual_seed(0)
+    smooth = GaussianSmoothing(sigma)
+    x = torch.rand(3, 1, *size)
+    torch.testing.assert_close(smooth(x), _gaussian(x, sigma), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(smooth(x.double()), _gaussian(x.double(), sigma), rtol=1e-10, atol=1e-12)
+    traced = torch.jit.trace(smooth, torch.rand(1, 1, 32, 32))
+    torch.testing.assert_close(traced(x), _gaussian(x, sigma), rtol=1e-5, atol=1e-6)
+    assert len(smooth._bands) <= 8
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0},
                                     {"sigma": 0, "fusion_mode": "product"}, {"sigma": 0, "fuse": False}])
 def test_fusion_modes_and_ablation_switches_give_the_maps_they_name(kwargs):
