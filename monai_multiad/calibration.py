@@ -266,15 +266,10 @@ def _split_inputs(inputs: Sequence[str | Path]) -> tuple[str, list[Path]]:
 
 def _labelled_slices(label: str | Path, axis: str) -> set[int]:
     """Canonical indices of the slices where the label volume ``label`` is non-empty."""
-    from monai.data import MetaTensor
-
-    from monai_multiad.transforms.volume import load_volume, slice_foreground, slice_info
+    from monai_multiad.transforms.volume import labelled_slices, load_volume, slice_geometry
 
     lab = load_volume(label)
-    binary = MetaTensor((lab.as_tensor() > 0).float(), affine=lab.affine)
-    info = slice_info(binary, axis)
-    positive = slice_foreground(binary.as_tensor(), info, 0.5) > 0
-    return {k for k in range(info["num_slices"]) if bool(positive[k])}
+    return set(labelled_slices(lab.as_tensor(), slice_geometry(lab, axis)))
 
 
 def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, device: str = "auto",

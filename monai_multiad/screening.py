@@ -1,11 +1,11 @@
 """Screening 3D scans (NIfTI files, DICOM series) with a model trained on 2D slices.
 
 A scan is normalised (the run's modality and CT window unless overridden), cut into canonical
-slices along the run's axis (every foreground slice, by the rule of
-:mod:`monai_multiad.data.volumes`), run through the network ``batch_size`` slices at a time, and
-the per-slice maps are put back voxel for voxel on the scan's own grid
-(:func:`~monai_multiad.transforms.slices_to_volume`): the 3D anomaly map has the scan's shape
-and affine. Background slices get 0.
+slices along the run's axis by a :class:`~monai_multiad.transforms.VolumeToSlices` (every foreground
+slice: the transform and rule the run's training slices came from, :mod:`monai_multiad.data.volumes`),
+run through the network ``batch_size`` slices at a time, and the per-slice maps are put back voxel for
+voxel on the scan's own grid by a :class:`~monai_multiad.transforms.SlicesToVolume`: the 3D anomaly map
+has the scan's shape and affine. Background slices get 0.
 
 * slice score: the network's image score of the slice (its map's maximum);
 * **scan score: the mean of the ``top_k`` highest slice scores** (all slices when fewer), robust
@@ -45,11 +45,11 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from monai_multiad.data.volumes import FG_THRESHOLD, MIN_FOREGROUND, intensity_kwargs
+from monai_multiad.data.volumes import intensity_kwargs
 from monai_multiad.errors import MultiADInputError, input_error
 from monai_multiad.outputs import atomic_path, write_json, write_png, write_text
-from monai_multiad.transforms.volume import load_volume, scale_intensity, slice_foreground, slice_info, \
-    slices_to_volume, volume_to_slices
+from monai_multiad.transforms.volume import SliceGeometry, SlicesToVolume, VolumeToSlices, load_volume, \
+    scale_intensity
 from monai_multiad.visualize import contact_sheet, overlay
 
 __all__ = ["ScreeningResult", "rank_slices", "screen_volume", "screen_path", "screen_paths"]
@@ -70,7 +70,7 @@ class ScreeningResult:
     anomalous: bool  #: scan_score > threshold (False when no threshold is known)
     threshold: float | None = None
     info: dict = field(default_factory=dict)  #: JSON-friendly settings and sizes
-    slicing: dict = field(default_factory=dict, repr=False)  #: the geometry from slice_info (for inverting)
+    geometry: SliceGeometry | None = field(default=None, repr=False)  #: where the slices lie in the scan
     montage_slices: list[int] = field(default_factory=list)  #: the most anomalous slices, highest first (<= 6)
     montage_images: torch.Tensor | None = field(default=None, repr=False)  #: their (n, 1, S, S) images in [0, 1]
     montage_maps: torch.Tensor | None = field(default=None, repr=False)  #: their (n, 1, S, S) maps
@@ -190,9 +190,8 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
     scaled = scale_intensity(vol, **intensity_kwargs(modality, window))
     if isinstance(volume, (str, Path)):
         del vol  # loaded here: keep only the normalised copy
-    info = slice_info(scaled, axis, spatial_size=(size, size))
-    fg = slice_foreground(scaled.as_tensor(), info, FG_THRESHOLD)
-    kept = [k for k in range(info["num_slices"]) if float(fg[k]) >= MIN_FOREGROUND]
+    slicer = VolumeToSlices(axis, spatial_size=(size, size), chunk_size=batch_size)
+    geometry, kept = slicer.select(scaled)
     if not kept:
         raise input_error(scaled.meta.get("filename_or_obj"), "no foreground slice: the volume is empty or constant "
                                                               f"after normalisation ({modality})")
@@ -205,7 +204,7 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
         chunks = tqdm(chunks, desc="slices", unit="batch", leave=False)
     for start in chunks:
         ks = kept[start:start + batch_size]
-        x, _, _ = volume_to_slices(scaled, axis, spatial_size=(size, size), indices=ks, chunk_size=batch_size)
+        x, _, _ = slicer.slices(scaled, ks)
         x = x.expand(-1, in_channels, -1, -1) if in_channels != 1 else x
         with torch.autocast(run.device.type, enabled=run.amp):
             amap, score = run.model(x.to(run.device))
@@ -216,28 +215,24 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
     top = [kept[i] for i in order[:top_k]]
     scan_score = float(np.mean([slice_scores[k] for k in top]))
     shown = order[:max(top_k, 6)]
-    shown_images, _, _ = volume_to_slices(scaled, axis, spatial_size=(size, size), indices=[kept[i] for i in shown])
+    shown_images, _, _ = slicer.slices(scaled, [kept[i] for i in shown])
     normalisation = scaled.meta.get("intensity_normalisation")
     del scaled  # before the output volume is allocated: peak memory is the load and scaling, not this
-    amap_volume = slices_to_volume(maps, kept, info, mode="bilinear", fill=0.0, chunk_size=batch_size)
+    amap_volume = SlicesToVolume(mode="bilinear", fill=0.0, chunk_size=batch_size)(maps, kept, geometry)
     result_info = {
         "modality": modality, "window": None if modality != "ct" else (list(window) if isinstance(window, (tuple, list))
                                                                        else window),
         "intensity_normalisation": normalisation, "slice_axis": axis,
-        "image_size": size, "in_channels": in_channels, "num_slices": info["num_slices"], "screened_slices": len(kept),
-        "top_k": top_k, "spatial_shape": list(info["spatial_shape"]),
-        "array_axis": int(info["perm"][info["slice_dim"]]), "array_axis_flipped": bool(info["flip"][info["slice_dim"]]),
-        "foreground_rule": f">= {MIN_FOREGROUND:.0%} of the slice's voxels above {FG_THRESHOLD:.0%} of the range",
+        "image_size": size, "in_channels": in_channels, "num_slices": geometry.num_slices,
+        "screened_slices": len(kept), "top_k": top_k, "spatial_shape": list(geometry.spatial_shape),
+        "array_axis": geometry.array_axis, "array_axis_flipped": geometry.array_axis_flipped,
+        "foreground_rule": slicer.foreground_rule,
     }
     return ScreeningResult(amap_volume, slice_scores, scan_score, top,
                            bool(threshold is not None and scan_score > threshold), threshold, result_info,
-                           info, [kept[i] for i in shown], shown_images, maps[shown],
+                           geometry, [kept[i] for i in shown], shown_images, maps[shown],
                            threshold_source=scan_threshold.description, slice_threshold=slice_threshold.value,
                            slice_threshold_source=slice_threshold.description)
-
-
-def _array_index(info: dict, k: int) -> int:
-    return info["num_slices"] - 1 - k if info["flip"][info["slice_dim"]] else k
 
 
 def _display(tile: np.ndarray) -> np.ndarray:
@@ -336,7 +331,7 @@ def write_outputs(res: ScreeningResult, path: str | Path, folder: Path, *, serie
     w.writerow(["slice", "array_index", "score", "above_threshold"])
     for k, s in sorted(res.slice_scores.items()):
         above = "" if res.slice_threshold is None else int(s > res.slice_threshold)
-        w.writerow([k, _array_index(res.slicing, k), f"{s:.6g}", above])
+        w.writerow([k, res.geometry.array_index(k), f"{s:.6g}", above])
     write_text(files["slice_scores"], buf.getvalue())
     write_png(files["montage"], _montage(res))
     dicom = _write_dicom(path, folder, res, series_uid)

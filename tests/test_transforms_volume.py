@@ -243,7 +243,7 @@ def test_axial_axis_comes_from_the_affine():
     aff = make_affine(np.array([[0, 1.0, 0], [0, 0, 1.0], [2.0, 0, 0]]))
     arr = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
     slices, idx, info = volume_to_slices(_mt(arr, aff), "axial", keep_all=True)
-    assert slices.shape == (5, 1, 6, 7) and idx == list(range(5)) and info["slice_dim"] == 2
+    assert slices.shape == (5, 1, 6, 7) and idx == list(range(5)) and info.slice_dim == 2
     for k in range(5):
         np.testing.assert_array_equal(slices[k, 0].numpy(), arr[k])
     sag, _, _ = volume_to_slices(_mt(arr, aff), "sagittal", keep_all=True)
@@ -263,7 +263,7 @@ def test_marked_voxel_round_trip(name, axis):
     n, _, r, c = np.unravel_index(int(slices.argmax()), slices.shape)
     world = aff @ np.array([*mark, 1.0])
     np.testing.assert_allclose(slice_affine(info, idx[n]) @ np.array([r, c, 0.0, 1.0]), world, atol=1e-6)
-    canon = info["canonical_affine"][:3, :3]  # canonical axes point along +R, +A, +S
+    canon = info.canonical_affine[:3, :3]  # canonical axes point along +R, +A, +S
     assert [int(np.argmax(np.abs(canon[:, m]))) for m in range(3)] == [0, 1, 2]
     assert all(canon[m, m] > 0 for m in range(3))
     marked = torch.zeros_like(slices)
@@ -277,7 +277,7 @@ def test_marked_voxel_round_trip(name, axis):
     back16 = slices_to_volume(marked.to(torch.bfloat16), idx16, info16)
     assert back16.dtype == torch.bfloat16 and torch.equal(back16.float(), back.as_tensor())
     if name != "oblique":  # axis-aligned: the canonical stack is MONAI's Orientation("RAS")
-        stacked = torch.stack(list(slices[:, 0]), dim=info["slice_dim"])
+        stacked = torch.stack(list(slices[:, 0]), dim=info.slice_dim)
         np.testing.assert_array_equal(stacked.numpy(), _oriented(_mt(vol, aff))[0].numpy())
 
 
@@ -293,7 +293,7 @@ def test_marked_block_round_trip_with_resize(name):
     k = next(s.meta["slice_index"] for s in slices if float(s.max()) > 1.5)
     top = next(s for s in slices if s.meta["slice_index"] == k)
     r, c = np.unravel_index(int(top[0].argmax()), top.shape[1:])
-    world = slice_affine(slices[0].applied_operations[-1]["extra_info"]["slice_info"], k) @ [r, c, 0, 1]
+    world = slice_affine(slices[0].applied_operations[-1]["extra_info"]["geometry"], k) @ [r, c, 0, 1]
     voxel = np.linalg.inv(aff) @ world
     assert np.abs(voxel[:3] - [4, 5, 3]).max() <= 0.75  # within the centre voxel, up to resize rounding
     back = SlicesToVolume()(slices)
@@ -302,6 +302,19 @@ def test_marked_block_round_trip_with_resize(name):
     assert float(back[0][vol == 0].max()) < float(back[0][4, 5, 3])
     again = t.inverse(t(_mt(vol, aff)))
     np.testing.assert_allclose(again.numpy(), back.numpy())
+
+
+def test_one_slice_of_a_reversed_axis_is_cut_and_resized():
+    # sagittal slices of a C-ordered array are contiguous; with x reversed, a chunk of one slice has a
+    # negative stride on its length-1 axis, which torch.from_numpy refused (screening's last batch of one)
+    vol = np.random.default_rng(3).random((6, 5, 4)).astype(np.float32)
+    stack, kept, _ = volume_to_slices(_mt(vol, np.diag([-1.0, 1.0, 1.0, 1.0])), "sagittal", spatial_size=(5, 4),
+                                      indices=[2], chunk_size=1)
+    assert kept == [2]
+    np.testing.assert_array_equal(stack[0, 0].numpy(), vol[3])  # canonical slice 2 is array slice 6 - 1 - 2
+    resized, _, _ = volume_to_slices(_mt(vol, np.diag([-1.0, 1.0, 1.0, 1.0])), "sagittal", spatial_size=(10, 8),
+                                     indices=[2])
+    assert resized.shape == (1, 1, 10, 8)
 
 
 def test_background_slices_skipped_with_indices_kept():

@@ -26,11 +26,11 @@ along the axis (the array index for RAS-oriented volumes such as lgg_flair's).
 
 Slices: each volume is normalised once (``cfg.modality``, ``cfg.ct_window``; see
 :func:`~monai_multiad.transforms.scale_intensity`), cut along ``cfg.slice_axis`` into canonical
-RAS slices (:func:`~monai_multiad.transforms.volume_to_slices`) and resized to
-``cfg.image_size``. **Foreground rule**: a slice is kept when at least 1 % of its voxels exceed
-5 % of the normalised volume's range (:func:`~monai_multiad.transforms.slice_foreground`).
-Train/validation slices are the kept slices whose label slice is empty; test slices are the kept
-slices plus every slice with label voxels (an anomaly is never dropped). Slices are held in
+RAS slices resized to ``cfg.image_size`` by a :class:`~monai_multiad.transforms.VolumeToSlices`, the
+same transform screening cuts a scan with. **Foreground rule** (that transform's, written in
+:mod:`monai_multiad.transforms.volume`): a slice is kept when at least 1 % of its voxels exceed 5 %
+of the normalised volume's range. Train/validation slices are the kept slices whose label slice is
+empty; test slices are the kept slices plus every slice with label voxels (an anomaly is never dropped). Slices are held in
 memory as uint8 (one channel; repeated to ``in_channels`` when read), masks only where non-empty.
 """
 
@@ -52,11 +52,12 @@ from torch.utils.data import Dataset
 from monai_multiad.errors import input_error
 from monai_multiad.transforms.volume import (
     CT_WINDOWS,
+    FG_THRESHOLD,
+    MIN_FOREGROUND,
+    VolumeToSlices,
+    labelled_slices,
     load_volume,
     scale_intensity,
-    slice_foreground,
-    slice_info,
-    volume_to_slices,
 )
 
 __all__ = ["LABEL_PATTERNS", "VolumeCase", "VolumeSliceDataset", "find_cases", "read_splits", "parse_window",
@@ -64,8 +65,6 @@ __all__ = ["LABEL_PATTERNS", "VolumeCase", "VolumeSliceDataset", "find_cases", "
 
 #: file (or folder) names, matched case-insensitively, that are label volumes, not images
 LABEL_PATTERNS: tuple[str, ...] = ("mask.nii", "mask.nii.gz", "*_mask.nii", "*_mask.nii.gz", "*label*")
-#: the foreground rule: a slice is kept when >= MIN_FOREGROUND of its voxels exceed FG_THRESHOLD of the range
-MIN_FOREGROUND, FG_THRESHOLD = 0.01, 0.05
 _SPLIT_ALIASES = {"train": "train", "test": "test", "valid": "valid", "val": "valid", "validation": "valid"}
 
 
@@ -271,35 +270,31 @@ def _preprocess(case: VolumeCase, cfg, keep: str) -> _CaseSlices:
     scaled = scale_intensity(image, **intensity_kwargs(cfg.modality, cfg.ct_window))
     del image
     size = (cfg.image_size, cfg.image_size)
-    info = slice_info(scaled, cfg.slice_axis, spatial_size=size)
-    fg = slice_foreground(scaled.as_tensor(), info, FG_THRESHOLD)
-    kept = {k for k in range(info["num_slices"]) if float(fg[k]) >= MIN_FOREGROUND}
-    lab = None
+    slicer = VolumeToSlices(cfg.slice_axis, spatial_size=size)
+    geometry, foreground = slicer.select(scaled)
+    lab, anomalous = None, set()
     if case.label is not None:
         lab_vol = load_volume(case.label)
         if tuple(lab_vol.shape) != tuple(scaled.shape):
             raise input_error(case.label, f"label shape {tuple(lab_vol.shape[1:])} differs from its image "
                                           f"{case.image} {tuple(scaled.shape[1:])}")
-        lab = MetaTensor((lab_vol.as_tensor() > 0).float(), affine=scaled.affine)  # the image's geometry
-        positive = slice_foreground(lab.as_tensor(), info, 0.5) > 0
-        anomalous = {k for k in range(info["num_slices"]) if bool(positive[k])}
-    else:
-        anomalous = set()
+        lab = MetaTensor(lab_vol.as_tensor(), affine=scaled.affine)  # cut with the image's geometry
+        anomalous = set(labelled_slices(lab.as_tensor(), geometry))
+    kept = set(foreground)
     rows = sorted(kept - anomalous) if keep == "normal" else sorted(kept | anomalous)
-    h, w = info["slice_shape"]
+    h, w = geometry.slice_shape
     if not rows:
         return _CaseSlices(case.name, torch.zeros((0, 1, *size), dtype=torch.uint8), [],
                            torch.zeros(0, dtype=torch.bool),
                            original_size=(h, w))
-    slices, _, _ = volume_to_slices(scaled, cfg.slice_axis, spatial_size=size, indices=rows)
+    slices, _, _ = slicer.slices(scaled, rows)
     images = slices.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
     labels = torch.tensor([k in anomalous for k in rows], dtype=torch.bool)
     masks = {}
     pos = [j for j, k in enumerate(rows) if k in anomalous]
-    if pos and lab is not None:
-        m, _, _ = volume_to_slices(lab, cfg.slice_axis, spatial_size=size, indices=[rows[j] for j in pos],
-                                   mode="nearest")
-        masks = {j: (m[i] > 0.5).to(torch.uint8) for i, j in enumerate(pos)}
+    if pos:
+        m, _, _ = slicer.slices(lab, [rows[j] for j in pos], mode="nearest")
+        masks = {j: (m[i] > 0).to(torch.uint8) for i, j in enumerate(pos)}
     return _CaseSlices(case.name, images, rows, labels, masks, (h, w))
 
 
@@ -319,7 +314,7 @@ class VolumeSliceDataset(Dataset):
     "defect": "good" | "anomaly", "original_size": int64 [h, w], "case": str, "slice_index": int}``.
 
     The slice index is the canonical (RAS-reoriented) index along the slicing axis, as
-    :func:`~monai_multiad.transforms.volume_to_slices` gives it (the array index for RAS volumes).
+    :class:`~monai_multiad.transforms.VolumeToSlices` gives it (the array index for RAS volumes).
     """
 
     def __init__(self, cases: Sequence[_CaseSlices], in_channels: int = 3) -> None:

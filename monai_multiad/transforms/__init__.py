@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from monai_multiad.transforms.volume import (
     CT_WINDOWS,
+    FG_THRESHOLD,
+    MIN_FOREGROUND,
     LoadVolume,
     ScaleIntensityByModality,
+    SliceGeometry,
     SlicesToVolume,
     VolumeToSlices,
+    foreground_slices,
+    labelled_slices,
     load_volume,
     scale_intensity,
     slice_affine,
     slice_foreground,
-    slice_info,
+    slice_geometry,
     slices_to_volume,
     volume_to_slices,
 )
@@ -32,9 +37,9 @@ from monai_multiad.transforms.volume_dict import (
 )
 
 __all__ = [
-    "CT_WINDOWS", "LoadVolume", "ScaleIntensityByModality", "SlicesToVolume", "VolumeToSlices",
-    "load_volume", "scale_intensity", "slice_affine", "slice_foreground", "slice_info", "slices_to_volume",
-    "volume_to_slices",
+    "CT_WINDOWS", "FG_THRESHOLD", "MIN_FOREGROUND", "LoadVolume", "ScaleIntensityByModality", "SliceGeometry",
+    "SlicesToVolume", "VolumeToSlices", "foreground_slices", "labelled_slices", "load_volume", "scale_intensity",
+    "slice_affine", "slice_foreground", "slice_geometry", "slices_to_volume", "volume_to_slices",
     "LoadVolumeD", "LoadVolumed", "LoadVolumeDict", "ScaleIntensityByModalityD", "ScaleIntensityByModalityd",
     "ScaleIntensityByModalityDict", "SlicesToVolumeD", "SlicesToVolumed", "SlicesToVolumeDict",
     "VolumeToSlicesD", "VolumeToSlicesd", "VolumeToSlicesDict",

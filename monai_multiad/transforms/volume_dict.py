@@ -21,14 +21,13 @@ from monai.utils import ensure_tuple_rep
 
 from monai_multiad.errors import input_error
 from monai_multiad.transforms.volume import (
+    FG_THRESHOLD,
+    MIN_FOREGROUND,
     LoadVolume,
     ScaleIntensityByModality,
     SlicesToVolume,
     VolumeToSlices,
-    _as_meta,
-    _info_from_slice,
-    slice_foreground,
-    slice_info,
+    _recorded,
 )
 
 __all__ = [
@@ -87,8 +86,8 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
     """Dictionary form of :class:`~monai_multiad.transforms.volume.VolumeToSlices`: one dict -> a list of slice dicts.
 
     The slices to keep are chosen once, on ``fg_key`` (default: the first key), by the
-    foreground rule of :func:`~monai_multiad.transforms.volume.volume_to_slices`, and the same
-    indices are taken from every key, so image and label slices stay paired. Each output dict
+    foreground rule (:meth:`~monai_multiad.transforms.volume.VolumeToSlices.select`), and the
+    same indices are taken from every key, so image and label slices stay paired. Each output dict
     holds every key's ``MetaTensor`` ``(C, H, W)``, ``index_key`` (the canonical slice index)
     and the other entries of the input dict (shared, not copied). An empty list comes back when
     no slice is foreground.
@@ -105,7 +104,7 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
 
     def __init__(self, keys: KeysCollection, axis: str = "axial", orientation: str = "RAS",
                  spatial_size: Sequence[int] | None = None, mode: str | Sequence[str] = "bilinear",
-                 min_foreground: float = 0.01, fg_threshold: float = 0.05, keep_all: bool = False,
+                 min_foreground: float = MIN_FOREGROUND, fg_threshold: float = FG_THRESHOLD, keep_all: bool = False,
                  fg_key: Hashable | None = None, index_key: Hashable = "slice_index", chunk_size: int = 32,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -121,29 +120,13 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
         if not keys:
             return [d]
         fg_key = self.fg_key if self.fg_key is not None else keys[0][0]
-        per_key: dict[Hashable, list] = {}
-        if fg_key in dict(keys):
-            per_key[fg_key] = self.slicer(d[fg_key], mode=dict(keys)[fg_key])
-            kept = [int(s.meta["slice_index"]) for s in per_key[fg_key]]
-        else:
-            if fg_key not in d:
-                raise input_error(None, f"fg_key {fg_key!r} is not in the data (keys: {list(d)})")
-            s = self.slicer
-            if s.keep_all:
-                kept = None
-            else:
-                vol = _as_meta(d[fg_key])
-                fractions = slice_foreground(vol.as_tensor(), slice_info(vol, s.axis, s.orientation),
-                                             s.fg_threshold, s.chunk_size)
-                kept = [k for k in range(len(fractions)) if float(fractions[k]) >= s.min_foreground]
-        for key, mode in keys:
-            if key not in per_key:
-                per_key[key] = self.slicer(d[key], indices=kept, mode=mode)
-                if kept is None:
-                    kept = [int(s.meta["slice_index"]) for s in per_key[key]]
+        if fg_key not in d:
+            raise input_error(None, f"fg_key {fg_key!r} is not in the data (keys: {list(d)})")
+        kept = self.slicer.select(d[fg_key])[1]
+        per_key = {key: self.slicer(d[key], indices=kept, mode=mode) for key, mode in keys}
         names = set(per_key)
         out = []
-        for j, k in enumerate(kept or []):
+        for j, k in enumerate(kept):
             item = {name: value for name, value in d.items() if name not in names}
             item.update({name: slices[j] for name, slices in per_key.items()})
             item[self.index_key] = k
@@ -167,8 +150,9 @@ class SlicesToVolumed(MapTransform):
     Accepts either the list of slice dicts from :class:`VolumeToSlicesd` (for each key, the
     per-slice maps; indices and geometry from the slices' metadata, or from ``ref_key``'s slices
     when the maps are new tensors), or one dict whose keys hold stacked maps ``(N, C, H, W)``,
-    ``index_key`` the indices and ``ref_key`` the reference (the slicing ``info`` dict or the
-    original volume). Returns one dict: each key holds its ``(C, X, Y, Z)`` volume.
+    ``index_key`` the indices and ``ref_key`` the reference (the slices'
+    :class:`~monai_multiad.transforms.geometry.SliceGeometry` or the original volume). Returns one
+    dict: each key holds its ``(C, X, Y, Z)`` volume.
 
     Args:
         keys: keys of the per-slice maps.
@@ -203,7 +187,7 @@ class SlicesToVolumed(MapTransform):
         indices = [int(item[self.index_key]) for item in items] if self.index_key in items[0] else None
         reference = None
         if self.ref_key is not None:
-            recorded = _info_from_slice(items[0][self.ref_key])
+            recorded = _recorded(items[0][self.ref_key])
             reference = recorded[1] if recorded is not None else None
         d = {name: value for name, value in items[0].items() if name != self.index_key}
         for key, mode in self.key_iterator(items[0], self.mode):
