@@ -26,10 +26,12 @@ from monai_multiad.data.synthetic_volumes import (
     write_nifti,
 )
 from monai_multiad.networks import MultiAD
+from monai_multiad.data.volumes import volume_slice_datasets
 from monai_multiad.screening import ScreeningResult, screen_path, screen_paths, screen_volume
 from monai_multiad.transforms import load_volume
 from monai_multiad.workflow import save_model
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 AFFINES = {
     "identity": np.eye(4),
@@ -157,6 +159,56 @@ def test_dicom_series_in_any_file_order_gives_the_same_map(run_dir, tmp_path, di
     np.testing.assert_allclose(map_.get_fdata(), ref_map.get_fdata(), rtol=1e-6, atol=1e-7)
     assert got["scan_score"] == pytest.approx(expected["scan_score"], rel=1e-6)
     assert got["top_slices"] == expected["top_slices"]
+
+
+def _labelled(label: np.ndarray, g) -> set[int]:
+    """Canonical indices of the slices of ``label`` (an array) with label voxels, found along the array axis."""
+    return {k for k in range(g.num_slices) if np.take(label, g.array_index(k), axis=g.array_axis).any()}
+
+
+def _training_and_screening_agree(root: Path, case: str, scan: Path, label: np.ndarray, axis: str, size: int) -> None:
+    """``case`` of the volume folder ``root`` (its only test case, ``scan`` its image, ``label`` its label
+    array) gives the test dataset the slices screening screens, plus its labelled ones, with the same pixels."""
+    cfg = RunConfig(dataset_dir=str(root), layout="volumes", image_size=size, in_channels=1, slice_axis=axis)
+    test = volume_slice_datasets(cfg, "test")
+    items = [test[i] for i in range(len(test)) if test[i]["case"] == case]
+    model = MarkModel(mode="identity")
+    res = screen_volume(model, scan, modality=cfg.modality, axis=axis, image_size=size)
+    screened = sorted(res.slice_scores)
+    assert [item["slice_index"] for item in items] == sorted(set(screened) | _labelled(label, res.geometry))
+    seen = dict(zip(screened, torch.cat(model.seen)[:, 0]))  # the batches in slice order
+    for item in items:
+        if item["slice_index"] in seen:  # uint8 storage: within half a grey level
+            assert float((item["image"][0] - seen[item["slice_index"]]).abs().max()) <= 0.5 / 255 + 1e-6
+    assert all(item["slice_index"] in seen for item in items if not item["label"])
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_training_and_screening_cut_the_same_slices(tmp_path, axis):
+    """One pipeline: the slices a run trains and is evaluated on are the ones screening scores, cut and
+    resized alike (a permuted, flipped affine, so the orientation counts); the train split is the
+    screened slices without label voxels."""
+    affine = AFFINES["permuted"]
+    image, label = make_phantom_volume((40, 36, 16), lesion=True, affine=affine, seed=4)
+    for name in ("a", "b", "c"):
+        write_nifti(tmp_path / name / "flair.nii.gz", np.round(image).astype(np.int16), affine)
+        write_nifti(tmp_path / name / "mask.nii.gz", label, affine)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "valid": ["b"], "test": ["c"]}))
+    _training_and_screening_agree(tmp_path, "c", tmp_path / "c" / "flair.nii.gz", label, axis, 24)
+    cfg = RunConfig(dataset_dir=str(tmp_path), layout="volumes", image_size=24, in_channels=1, slice_axis=axis)
+    train, _ = volume_slice_datasets(cfg, "train")
+    res = screen_volume(MarkModel(), tmp_path / "a" / "flair.nii.gz", axis=axis, image_size=24)
+    labelled = _labelled(label, res.geometry)
+    assert labelled and [train[i]["slice_index"] for i in range(len(train))] == sorted(set(res.slice_scores) - labelled)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "lgg_flair").is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
+def test_training_and_screening_cut_the_same_slices_of_a_real_scan(tmp_path):
+    case = "TCGA_CS_4941_19960909"
+    (tmp_path / case).symlink_to(SHARED_DATA / "lgg_flair" / case)
+    (tmp_path / "splits.json").write_text(json.dumps({"test": [case]}))
+    label = load_volume(tmp_path / case / "mask.nii.gz")[0].numpy()
+    _training_and_screening_agree(tmp_path, case, tmp_path / case / "flair.nii.gz", label, "axial", 64)
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
