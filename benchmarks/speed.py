@@ -10,7 +10,11 @@ Per backbone, batch size and device, at ``--image-size`` (256) px:
 * memory: CUDA ``max_memory_allocated``; CPU: peak RSS (``/proc/self/statm`` sampled every 2 ms)
   above the RSS just before the first pass, each configuration in a fresh process (``--isolate``);
 * ``volume``: ``monai_multiad.screening.screen_path`` end to end on a NIfTI phantom of
-  size x size x ``--volume-slices`` vs the bare networks on the same number of slices.
+  size x size x ``--volume-slices`` vs the bare networks on the same number of slices;
+* ``cohort``: ``monai_multiad.cohort.screen_paths`` (what ``multiad screen`` runs on a folder) over
+  ``--cohort-volumes`` phantoms of size x size x ``--cohort-slices``, once per ``--cohort-workers``
+  value (DataLoader processes reading the next scans and a writer thread; 0: all in turn), against the
+  bare networks on all the slices it screened: the issue's "end to end <= 1.5x the model compute".
 
 Timings: ``--warmup`` untimed runs, then the median of ``--repeats`` (CUDA synchronised).
 Efficientnet-Lite0 uses its real ImageNet weights (offline); the others random weights: speed
@@ -114,10 +118,14 @@ def preprocessor(size: int, device: torch.device):
     return DevicePreprocessor(size, 3, device)
 
 
-def build_model(backbone: str, device: torch.device):
+def build_model(backbone: str, device: torch.device, memory_format: str = "auto"):
+    """The network as a run places it (``RunConfig.memory_format``: channels-last on the CPU by default)."""
+    from monai_multiad.config import RunConfig
     from monai_multiad.networks import MultiAD
+    from monai_multiad.run_folder import on_device
 
-    return MultiAD(backbone, in_channels=3, pretrained=backbone == "efficientnet_lite0").to(device).eval()
+    model = MultiAD(backbone, in_channels=3, pretrained=backbone == "efficientnet_lite0")
+    return on_device(model, RunConfig(backbone=backbone, memory_format=memory_format), device).eval()
 
 
 def trainer_step_times(model, x, opt, d_opt, adversarial_weight: float, device: torch.device, amp: bool,
@@ -235,6 +243,54 @@ def bench_volume(job: dict) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     return {**row, "status": "ok", "screened_slices": screened, "end_to_end_s": e2e, "model_s": t_bare,
             "ratio": e2e / t_bare if screened else None, "slices_per_s": n / e2e, "files": files}
+
+def bench_cohort(job: dict) -> dict:
+    """``cohort.screen_paths`` over a folder of phantom volumes, per number of workers, against the
+    bare networks on the slices it screened (one timed pass each after a one-scan warm-up)."""
+    row = {"backbone": job["backbone"], "device": job["device"], "volumes": job["cohort_volumes"],
+           "slices": job["cohort_slices"], "map_format": job["cohort_map_format"]}
+    try:
+        from monai_multiad.cohort import screen_paths
+    except ImportError as e:
+        return {**row, "status": f"skipped: cohort screening not available ({e})"}
+    from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
+
+    device, size = torch.device(job["device"]), job["image_size"]
+    model = build_model(job["backbone"], device)
+    work = Path(tempfile.mkdtemp(prefix="multiad_cohort_"))
+    try:
+        paths = []
+        for i in range(job["cohort_volumes"]):
+            image, _ = make_phantom_volume((size, size, job["cohort_slices"]), lesion=i % 2 == 0, seed=i)
+            paths.append(write_nifti(work / "scans" / f"scan{i:03d}.nii.gz", np.round(image).astype(np.int16)))
+        common = {"device": job["device"], "batch_size": job["volume_batch_size"], "image_size": size,
+                  "modality": "mri", "progress": False, "resume": False, "map_format": job["cohort_map_format"]}
+        screen_paths(model, paths[:1], work / "warmup", workers=0, **common)
+        timings = []
+        for workers in job["cohort_workers"]:
+            _sync(device)
+            t0 = time.perf_counter()
+            rows = screen_paths(model, paths, work / f"out_w{workers}", workers=workers, **common)
+            _sync(device)
+            failed = [r["name"] for r in rows if r.get("status") != "ok"]
+            if failed:
+                return {**row, "status": f"failed: {len(failed)} scans not screened ({', '.join(failed[:3])})"}
+            timings.append({"workers": workers, "end_to_end_s": time.perf_counter() - t0,
+                            "screened_slices": sum(int(r["screened_slices"]) for r in rows)})
+        screened = timings[0]["screened_slices"]
+        xn = torch.rand(min(job["volume_batch_size"], max(screened, 1)), 3, size, size, device=device)
+
+        @torch.no_grad()
+        def bare():
+            for start in range(0, screened, xn.shape[0]):
+                x = xn[: min(xn.shape[0], screened - start)]
+                model.teacher(x), model.student(x)
+
+        t_bare = timed(bare, device, 0, 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**row, "status": "ok", "screened_slices": screened, "model_s": t_bare,
+            "runs": [{**t, "ratio": t["end_to_end_s"] / t_bare} for t in timings]}
 
 
 COST_PARTS = ("teacher_forward_ms", "student_forward_ms", "student_step_ms", "discriminator_ms")
@@ -392,7 +448,7 @@ def run_job(job: dict) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or threads)
     try:
-        kinds = {"volume": bench_volume, "images": bench_images, "train_cost": bench_train_cost, "peer": bench_peer}
+        kinds = {"volume": bench_volume, "cohort": bench_cohort, "images": bench_images, "train_cost": bench_train_cost, "peer": bench_peer}
         return kinds[job["kind"]](job)
     finally:
         torch.set_num_threads(threads)
@@ -430,7 +486,7 @@ def metadata(args) -> dict:
 def markdown(report: dict) -> str:
     m = report["meta"]
     sizes = (f"{m['image_size']} px from {m['source_size']} px uint8 images; "
-             if report["results"] or report["volume"] else "")
+             if report["results"] or report["volume"] or report.get("cohort") else "")
     load = [[round(x, 1) for x in m.get(k) or []] for k in ("load_average_at_start", "load_average_at_end")]
     lines = [f"# Multi-AD speed ({m['date']})", "",
              f"torch {m['torch']}, monai {m['monai']}, CPU: {m['cpu']} ({m['torch_threads']} threads), "
@@ -455,6 +511,18 @@ def markdown(report: dict) -> str:
             cells = f"{v['end_to_end_s']:.2f} | {v['model_s']:.2f} | {v['ratio'] or 0:.2f}" if ok else " | | "
             n = f"{v.get('slices', v.get('volume_slices'))} ({v.get('screened_slices', '-')})"
             lines.append(f"| {v['backbone']} | {v['device']} | {n} | {cells} | {v.get('status')} |")
+        lines.append("")
+    if report.get("cohort"):
+        lines += ["| cohort screening (`multiad screen` on a folder) | device | volumes x slices (screened) | map format "
+                  "| workers | end to end s | bare networks s | ratio | status |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in report["cohort"]:
+            head = (f"| {c['backbone']} | {c['device']} | {c['volumes']} x {c['slices']} "
+                    f"({c.get('screened_slices', '-')}) | {c['map_format']} |")
+            if c.get("status") != "ok":
+                lines.append(head + " | | | | " + f"{c.get('status')} |")
+                continue
+            for r in c["runs"]:
+                lines.append(f"{head} {r['workers']} | {r['end_to_end_s']:.2f} | {c['model_s']:.2f} | {r['ratio']:.2f} | ok |")
         lines.append("")
     if report.get("train_cost"):
         lines += ["Training cost per step (ms; teacher features given to the student step; discriminator = adversarial "
@@ -484,7 +552,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-MODES = ("pipeline", "volume", "train-cost")
+MODES = ("pipeline", "volume", "cohort", "train-cost")
 COST_VARIANTS = ("eager", "channels_last", "compile")
 
 
@@ -504,6 +572,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-volume", dest="volume", action="store_false", help="skip volume screening")
     p.add_argument("--volume-slices", type=int, default=155)
     p.add_argument("--volume-batch-size", type=int, default=32)
+    p.add_argument("--cohort-volumes", type=int, default=20, help="cohort mode: phantom volumes screened")
+    p.add_argument("--cohort-slices", type=int, default=48, help="cohort mode: slices per phantom volume")
+    p.add_argument("--cohort-workers", nargs="+", type=int, default=[0, 2],
+                   help="cohort mode: DataLoader worker counts to time (0: all in turn)")
+    p.add_argument("--cohort-map-format", default="nii.gz", choices=("nii.gz", "nii"), help="cohort mode: map files")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="pipeline: inference pipeline vs bare networks (and a training step); volume: screening\n"
                         "one NIfTI volume; train-cost: a training step part by part (teacher, student,\n"
@@ -552,9 +625,10 @@ def main(argv=None) -> dict:
     devices = [d for d in args.devices if not d.startswith("cuda") or torch.cuda.is_available()]
     skipped = sorted(set(args.devices) - set(devices))
     common = {k: getattr(args, k) for k in ("image_size", "source_size", "repeats", "warmup", "amp", "threads",
-                                             "volume_slices", "volume_batch_size", "cost_batch_size", "cpu_variants")}
+                                             "volume_slices", "volume_batch_size", "cost_batch_size", "cpu_variants",
+                                             "cohort_volumes", "cohort_slices", "cohort_workers", "cohort_map_format")}
     report = {"meta": {**metadata(args), "skipped_devices": skipped, "modes": ["peer"] if args.peer else args.modes},
-              "results": [], "volume": [], "train_cost": [], "peer": []}
+              "results": [], "volume": [], "cohort": [], "train_cost": [], "peer": []}
     run = run_isolated if args.isolate else run_job
     for device in devices:
         if args.peer:
@@ -571,6 +645,9 @@ def main(argv=None) -> dict:
             if "volume" in args.modes:
                 print(f"[speed] {backbone} {device} volume", file=sys.stderr, flush=True)
                 report["volume"].append(run({**common, "kind": "volume", "backbone": backbone, "device": device}))
+            if "cohort" in args.modes:
+                print(f"[speed] {backbone} {device} cohort", file=sys.stderr, flush=True)
+                report["cohort"].append(run({**common, "kind": "cohort", "backbone": backbone, "device": device}))
             if "train-cost" in args.modes:
                 for size in args.cost_sizes:
                     for variant in args.cost_variants:

@@ -39,6 +39,23 @@ def test_speed_smoke(tmp_path):
     assert "| resnet18 | cpu | 1 |" in md.read_text()
 
 
+def test_speed_cohort_mode_times_a_folder_per_worker_count(tmp_path):
+    """The cohort mode screens a folder of phantoms with cohort.screen_paths once per worker count
+    and sets each end-to-end time against the bare networks on the slices screened."""
+    speed = _load("speed")
+    out, md = tmp_path / "cohort.json", tmp_path / "cohort.md"
+    speed.main(["--modes", "cohort", "--backbones", "resnet18", "--devices", "cpu", "--image-size", "64",
+                "--cohort-volumes", "3", "--cohort-slices", "6", "--cohort-workers", "0", "1",
+                "--volume-batch-size", "4", "--no-isolate", "--threads", "1", "--out", str(out), "--markdown", str(md)])
+    (cohort,) = json.loads(out.read_text())["cohort"]
+    assert cohort["status"] == "ok", cohort
+    assert cohort["screened_slices"] > 0 and cohort["model_s"] > 0
+    assert [r["workers"] for r in cohort["runs"]] == [0, 1]
+    assert all(r["end_to_end_s"] > 0 and r["ratio"] == r["end_to_end_s"] / cohort["model_s"] for r in cohort["runs"])
+    table = md.read_text()
+    assert "| resnet18 | cpu | 3 x 6 (" in table and "| nii.gz | 1 |" in table
+
+
 def test_speed_training_cost_table(tmp_path):
     """The training-cost mode at a tiny size: every part timed, the whole steps too, and the table written."""
     speed = _load("speed")
