@@ -205,3 +205,25 @@ def test_loss_stage_weights_reach_the_trainers_loss():
     assert torch.allclose(trainer.distillation_loss(t, s), 2 * per_stage[1] + per_stage[3])
     with pytest.raises(MultiADInputError, match="loss_stage_weights"):
         RunConfig(loss_stage_weights=[1, 1])
+
+
+def test_validation_loss_is_the_mean_distillation_loss_over_the_images():
+    """The key metric that picks the best epoch and stops training early: the evaluator's val_loss
+    equals DistillationLoss over the held-out images computed by hand, batch sizes weighted (Ignite
+    unrolled the per-stage lists into one update per stage before skip_unrolling, a 4x smaller value)."""
+    from torch.utils.data import DataLoader
+
+    from monai_multiad.engines.evaluator import DistillationEvaluator
+
+    torch.manual_seed(0)
+    net = MultiAD("resnet18", pretrained=False, discriminator=False, in_channels=1)
+    loader = DataLoader([{"image": torch.rand(1, 64, 64)} for _ in range(11)], batch_size=4)
+    evaluator = DistillationEvaluator("cpu", loader, net)
+    evaluator.run()
+    net.eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            t, s = net.features(batch["image"])
+            total += float(DistillationLoss()(t, s)) * len(batch["image"])
+    assert evaluator.state.metrics["val_loss"] == pytest.approx(total / 11, rel=1e-5)

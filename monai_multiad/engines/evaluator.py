@@ -189,9 +189,13 @@ class DistillationEvaluator(MultiADEvaluator):
 
 def distillation_loss_metric(device: torch.device | str = "cpu") -> Loss:
     """Ignite ``Loss``: the mean over images of the (unweighted, all-positions) distillation loss
-    of :class:`DistillationEvaluator`'s outputs; summed across ranks under ``ignite.distributed``."""
+    of :class:`DistillationEvaluator`'s outputs; summed across ranks under ``ignite.distributed``.
+
+    ``skip_unrolling``: the outputs are lists of per-stage tensors, which Ignite (>= 0.5) would
+    otherwise unroll into one update per stage, each a single stage's tensors read as a batch of
+    images: a wrong loss (a quarter of the true one in the runs where it was found)."""
     return Loss(DistillationLoss(), output_transform=lambda out: (out["teacher"], out["student"]),
-                batch_size=lambda student: student[0].shape[0], device=device)
+                batch_size=lambda student: student[0].shape[0], device=device, skip_unrolling=True)
 
 
 class EarlyStop(EarlyStopHandler):
