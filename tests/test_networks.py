@@ -219,8 +219,8 @@ def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sigma,size", [(4.0, (64, 96)), (2.0, (41, 57)), (4.0, (20, 12)), (0.5, (9, 13))])
-def test_gaussian_smoothing_is_monai_gaussian_filter_eager_and_traced(sigma, size):
-    """Eager (banded matrix products), traced and scripted-export (conv2d) smoothing all equal
+def test_gaussian_smoothing_is_monai_gaussian_filter_eager_traced_and_scripted(sigma, size):
+    """Eager (banded matrix products), traced and scripted (conv2d) smoothing all equal
     MONAI's GaussianFilter, also where the 33-tap kernel is longer than the map; the traced one
     follows a size other than the one it was traced at."""
     from monai_multiad.networks.fusion import GaussianSmoothing
@@ -232,6 +232,8 @@ def test_gaussian_smoothing_is_monai_gaussian_filter_eager_and_traced(sigma, siz
     torch.testing.assert_close(smooth(x.double()), _gaussian(x.double(), sigma), rtol=1e-10, atol=1e-12)
     traced = torch.jit.trace(smooth, torch.rand(1, 1, 32, 32))
     torch.testing.assert_close(traced(x), _gaussian(x, sigma), rtol=1e-5, atol=1e-6)
+    scripted = torch.jit.script(smooth)
+    torch.testing.assert_close(scripted(x), _gaussian(x, sigma), rtol=1e-5, atol=1e-6)
     assert len(smooth._bands) <= 8
 
 

@@ -32,11 +32,13 @@ class GaussianSmoothing(nn.Module):
 
     In eager mode the two 1D convolutions run as two matrix products with banded matrices
     (``B_H @ x @ B_W^T``, the kernel on the band; the band's truncated rows are the zero
-    padding), built once per map size, device and dtype: the same numbers, and on the CPU 4-13x
-    faster than ``conv2d`` with a one-channel 33-tap kernel, which oneDNN runs slowly (measured
-    in ``docs/results.md``, Speed). Traced, scripted, exported or compiled, it is the two
-    ``conv2d`` calls, which follow any map size.
+    padding), built once per map size, device and dtype: the same numbers, and on the CPU
+    faster than ``conv2d`` with a one-channel 33-tap kernel, which oneDNN runs slowly (3-19x at
+    256 px, one thread; ``docs/results.md``, Speed). Traced, scripted, exported or compiled, it is
+    the two ``conv2d`` calls, which follow any map size.
     """
+
+    __jit_ignored_attributes__ = ["_bands"]  # the eager path's cache: not part of a scripted module
 
     def __init__(self, sigma: float, truncated: float = 4.0) -> None:
         super().__init__()
@@ -47,6 +49,7 @@ class GaussianSmoothing(nn.Module):
         self.pad = (kernel.numel() - 1) // 2
         self._bands: dict[tuple, torch.Tensor] = {}
 
+    @torch.jit.unused
     def band(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """(n, n) matrix ``B`` with ``(B @ v)[i] = sum_t kernel[t] v[i + t - pad]`` (zero outside)."""
         key = (int(n), like.device, like.dtype)
@@ -63,11 +66,11 @@ class GaussianSmoothing(nn.Module):
         return band
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
-                or torch.compiler.is_compiling():
-            x = F.conv2d(x, self.kernel_h.to(x.dtype), padding=(self.pad, 0))
-            return F.conv2d(x, self.kernel_w.to(x.dtype), padding=(0, self.pad))
-        return self.band(x.shape[-2], x) @ x @ self.band(x.shape[-1], x).transpose(0, 1)
+        if not torch.jit.is_scripting():  # TorchScript compiles only the conv2d path below
+            if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+                return self.band(x.shape[-2], x) @ x @ self.band(x.shape[-1], x).transpose(0, 1)
+        x = F.conv2d(x, self.kernel_h.to(x.dtype), padding=(self.pad, 0))
+        return F.conv2d(x, self.kernel_w.to(x.dtype), padding=(0, self.pad))
 
 
 def stage_anomaly_maps(
