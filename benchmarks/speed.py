@@ -118,14 +118,14 @@ def preprocessor(size: int, device: torch.device):
     return DevicePreprocessor(size, 3, device)
 
 
-def build_model(backbone: str, device: torch.device, memory_format: str = "auto"):
+def build_model(backbone: str, device: torch.device):
     """The network as a run places it (``RunConfig.memory_format``: channels-last on the CPU by default)."""
     from monai_multiad.config import RunConfig
     from monai_multiad.networks import MultiAD
     from monai_multiad.run_folder import on_device
 
     model = MultiAD(backbone, in_channels=3, pretrained=backbone == "efficientnet_lite0")
-    return on_device(model, RunConfig(backbone=backbone, memory_format=memory_format), device).eval()
+    return on_device(model, RunConfig(backbone=backbone), device).eval()
 
 
 def trainer_step_times(model, x, opt, d_opt, adversarial_weight: float, device: torch.device, amp: bool,
@@ -204,6 +204,20 @@ def bench_images(job: dict) -> dict:
     }
 
 
+def bare_slices(model, n: int, batch_size: int, size: int, device: torch.device):
+    """What screening's networks alone cost: a callable running teacher and student over ``n``
+    normalised slices in batches of ``batch_size`` (fp32, as screening runs them)."""
+    xn = torch.rand(min(batch_size, max(n, 1)), 3, size, size, device=device)
+
+    @torch.no_grad()
+    def bare():
+        for start in range(0, n, xn.shape[0]):
+            x = xn[: min(xn.shape[0], n - start)]
+            model.teacher(x), model.student(x)
+
+    return bare
+
+
 def bench_volume(job: dict) -> dict:
     row = {"backbone": job["backbone"], "device": job["device"], "slices": job["volume_slices"]}
     try:
@@ -230,19 +244,12 @@ def bench_volume(job: dict) -> dict:
     except Exception as e:  # a screening error is a result of this benchmark, not its end
         return {**row, "status": f"failed: {type(e).__name__}: {e}"}
     screened = int(reports[-1].get("screened_slices", n)) if isinstance(reports[-1], dict) else n
-    xn = torch.rand(min(job["volume_batch_size"], max(screened, 1)), 3, size, size, device=device)
-
-    @torch.no_grad()
-    def bare():  # fp32, as screening runs a bare network
-        for start in range(0, screened, xn.shape[0]):
-            x = xn[: min(xn.shape[0], screened - start)]
-            model.teacher(x), model.student(x)
-
-    t_bare = timed(bare, device, warmup, repeats)
+    t_bare = timed(bare_slices(model, screened, job["volume_batch_size"], size, device), device, warmup, repeats)
     files = sorted(str(p.relative_to(work / "out0")) for p in (work / "out0").rglob("*") if p.is_file())
     shutil.rmtree(work, ignore_errors=True)
     return {**row, "status": "ok", "screened_slices": screened, "end_to_end_s": e2e, "model_s": t_bare,
             "ratio": e2e / t_bare if screened else None, "slices_per_s": n / e2e, "files": files}
+
 
 def bench_cohort(job: dict) -> dict:
     """``cohort.screen_paths`` over a folder of phantom volumes, per number of workers, against the
@@ -278,15 +285,7 @@ def bench_cohort(job: dict) -> dict:
             timings.append({"workers": workers, "end_to_end_s": time.perf_counter() - t0,
                             "screened_slices": sum(int(r["screened_slices"]) for r in rows)})
         screened = timings[0]["screened_slices"]
-        xn = torch.rand(min(job["volume_batch_size"], max(screened, 1)), 3, size, size, device=device)
-
-        @torch.no_grad()
-        def bare():
-            for start in range(0, screened, xn.shape[0]):
-                x = xn[: min(xn.shape[0], screened - start)]
-                model.teacher(x), model.student(x)
-
-        t_bare = timed(bare, device, 0, 1)
+        t_bare = timed(bare_slices(model, screened, job["volume_batch_size"], size, device), device, 0, 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {**row, "status": "ok", "screened_slices": screened, "model_s": t_bare,
@@ -448,7 +447,8 @@ def run_job(job: dict) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or threads)
     try:
-        kinds = {"volume": bench_volume, "cohort": bench_cohort, "images": bench_images, "train_cost": bench_train_cost, "peer": bench_peer}
+        kinds = {"volume": bench_volume, "cohort": bench_cohort, "images": bench_images,
+                 "train_cost": bench_train_cost, "peer": bench_peer}
         return kinds[job["kind"]](job)
     finally:
         torch.set_num_threads(threads)
@@ -579,8 +579,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cohort-map-format", default="nii.gz", choices=("nii.gz", "nii"), help="cohort mode: map files")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="pipeline: inference pipeline vs bare networks (and a training step); volume: screening\n"
-                        "one NIfTI volume; train-cost: a training step part by part (teacher, student,\n"
-                        "discriminator) at --cost-batch-size and each of --cost-sizes")
+                        "one NIfTI volume; cohort: screening a folder of volumes (--cohort-*); train-cost: a\n"
+                        "training step part by part (teacher, student, discriminator) at --cost-batch-size\n"
+                        "and each of --cost-sizes")
     p.add_argument("--cost-batch-size", type=int, default=16)
     p.add_argument("--cost-sizes", nargs="+", type=int, default=[256, 128])
     p.add_argument("--cost-variants", nargs="+", choices=COST_VARIANTS, default=list(COST_VARIANTS),
