@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from monai_multiad.config import MODEL_KEYS, RunConfig
+from monai_multiad.config import FALSE_WORDS, MODEL_KEYS, TRUE_WORDS, RunConfig
 from monai_multiad.errors import MultiADInputError, WeightsError
 from monai_multiad.outputs import check_output_dir
 from monai_multiad.networks import MultiAD
@@ -52,9 +52,6 @@ __all__ = [
     "volume_scans",
 ]
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
 def run_config(**options: Any) -> RunConfig:
     """A :class:`RunConfig` from bundle options (``RunConfig``'s field names; the rest default).
 
@@ -65,7 +62,7 @@ def run_config(**options: Any) -> RunConfig:
     bools = {f.name for f in fields(RunConfig) if isinstance(f.default, bool)}
     clean = dict(options)
     for name in bools & set(clean):
-        if isinstance(clean[name], str) and clean[name].strip().lower() in _TRUE + _FALSE:
+        if isinstance(clean[name], str) and clean[name].strip().lower() in TRUE_WORDS + FALSE_WORDS:
             clean[name] = flag(clean[name], name)
     if isinstance(clean.get("discriminator_channels"), tuple):
         clean["discriminator_channels"] = list(clean["discriminator_channels"])
@@ -86,9 +83,9 @@ def flag(value: Any, option: str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text not in _TRUE + _FALSE:
+    if text not in TRUE_WORDS + FALSE_WORDS:
         raise MultiADInputError(f"--{option} {value!r}: expected true or false")
-    return text in _TRUE
+    return text in TRUE_WORDS
 
 
 class AnomalyMapNetwork(MultiAD):

@@ -23,10 +23,14 @@ def _opt(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+#: the words a command line may give for a boolean option (any case), for ``--option`` and bundle keys alike
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
+    if text.lower() in TRUE_WORDS:
         return True
-    if text.lower() in ("0", "false", "no", "off"):
+    if text.lower() in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
