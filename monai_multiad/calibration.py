@@ -303,7 +303,7 @@ def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, 
                                             "method": "percentile bootstrap of the rule (slices resampled by scan)"}}
     if kind == "images":
         from monai_multiad.inference import score_images
-        from monai_multiad.workflow import load_model, resolve_device
+        from monai_multiad.run_folder import load_model, resolve_device
 
         dev = resolve_device(device)
         network, cfg, _ = load_model(run_dir, dev)

@@ -5,7 +5,8 @@ statistics + config: :func:`save_model` / :func:`load_model`), ``checkpoints/``
 (``last_checkpoint_<iteration>.pt`` for ``--resume`` and ``best_checkpoint_<epoch>_neg_val_loss=<score>.pt``:
 the Ignite ``Checkpoint`` handlers :func:`last_checkpointer` and :func:`best_checkpointer`, written by
 :class:`CheckpointSaver`), ``log.csv`` and ``tensorboard/`` (:class:`EpochLog`) and ``metrics.json``.
-Inference, screening, calibration and export import this module, not the training one; resuming a
+The device and memory layout a run's networks use (:func:`resolve_device`, :func:`on_device`) are chosen
+here too. Inference, screening, calibration and export import this module, not the training one; resuming a
 run into the same folder (:func:`load_training_checkpoint`, :func:`previous_log_rows`,
 :func:`adopt_checkpoints`) lives here too.
 """
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
@@ -39,6 +41,7 @@ __all__ = [
     "load_training_checkpoint",
     "on_device",
     "read_training_checkpoint",
+    "resolve_device",
     "previous_log_rows",
     "save_model",
     "start_run_folder",
@@ -52,6 +55,18 @@ def save_model(path: str | Path, network: MultiAD, cfg: RunConfig, fusion_stats:
     payload = {"config": cfg.to_dict(), "state_dict": network.state_dict(), "fusion": fusion_stats or {}}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"``: the rank's CUDA device when there is one, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return idist.device() if idist.get_world_size() > 1 else torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MultiADInputError(f"device {name!r} was asked for but CUDA is not available: use --device cpu or auto")
+    return device
 
 
 def on_device(network: MultiAD, cfg: RunConfig, device: torch.device | str) -> MultiAD:
@@ -132,8 +147,6 @@ class CheckpointSaver(DiskSaver):
 def start_run_folder(run_dir: str | Path, cfg: RunConfig) -> Path:
     """Create the run folder and write its ``config.json`` (rank 0 only under ``ignite.distributed``).
     Returns the folder, absolute (Ignite's checkpoint paths include it)."""
-    import ignite.distributed as idist
-
     from monai_multiad.outputs import write_json
 
     run_dir = Path(run_dir).absolute()
@@ -196,7 +209,6 @@ class EpochLog:
         self.validator, self.tensorboard_stats, self.started = None, None, time.perf_counter()
 
     def attach(self, trainer, validator) -> None:
-        import ignite.distributed as idist
         from ignite.engine import Events
         from monai.utils import optional_import
 
@@ -224,8 +236,6 @@ class EpochLog:
         self.sums["_n"] = self.sums.get("_n", 0) + 1
 
     def __call__(self, trainer) -> None:
-        import ignite.distributed as idist
-
         epoch = trainer.state.epoch
         n = max(self.sums.pop("_n", 1), 1)
         row = {"epoch": epoch, **{k: v / n for k, v in self.sums.items()}}

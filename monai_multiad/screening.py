@@ -99,7 +99,7 @@ def _load_run(model_or_run: Any, device=None) -> _Run:
     """A :class:`_Run` from a run folder / model.pt path, a network, or a :class:`_Run`."""
     if isinstance(model_or_run, _Run):
         return model_or_run
-    from monai_multiad.workflow import load_model, resolve_device
+    from monai_multiad.run_folder import load_model, resolve_device
 
     if isinstance(model_or_run, nn.Module):
         model = model_or_run

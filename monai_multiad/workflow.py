@@ -51,6 +51,7 @@ from monai_multiad.run_folder import (  # noqa: F401 - load_model, save_model: a
     load_model,
     load_training_checkpoint,
     on_device,
+    resolve_device,
     save_model,
     start_run_folder,
 )
@@ -73,18 +74,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("monai_multiad")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"``: the rank's CUDA device when there is one, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return idist.device() if idist.get_world_size() > 1 else torch.device("cuda")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MultiADInputError(f"device {name!r} was asked for but CUDA is not available: use --device cpu or auto")
-    return device
 
 
 def build_network(cfg: RunConfig) -> MultiAD:
