@@ -93,7 +93,7 @@ class RunConfig:
     num_workers: int = _opt(0, "data-loading worker processes")
     amp: bool = _opt(True, "mixed precision on CUDA (ignored on CPU)")
     memory_format: str = _opt("auto", "the networks' memory layout: channels_last, contiguous, or auto (channels_last "
-                              "on the CPU, where it made a training step 1.4-1.55x and inference 1.3-1.4x faster; "
+                              "on the CPU, where it made a training step 1.4-1.55x and inference about 1.4x faster; "
                               "contiguous on CUDA, where it was not measured)",
                               choices=("auto", "channels_last", "contiguous"))
     device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'")
