@@ -65,6 +65,10 @@ STUDY: dict[str, dict] = {
     # the paper's ablation on the defaults chosen by finding 8 (hard mining + z-scored maps): from nd_hard
     "def_no_se": {"train": {"student_se": False}},
     "def_with_d": {"train": {"discriminator": True, "adversarial_weight": 0.1}},
+    # a discriminator balanced so that it does not win at once: spectral norm (no BatchNorm),
+    # one-sided label smoothing, instance noise (finding 10)
+    "def_d_balanced": {"train": {"discriminator": True, "adversarial_weight": 0.1, "discriminator_spectral_norm": True,
+                                 "d_label_smoothing": 0.1, "d_instance_noise": 0.05}},
     # convergence levers on the defaults (finding 9): learning rate, hard-mining quantile, batch size
     # at the same number of images seen, and training length
     "def_lr3e-3": {"train": {"lr": 3e-3}},

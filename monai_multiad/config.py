@@ -57,6 +57,8 @@ class RunConfig:
                                "it lowered AUROC on both shared data sets and costs ~20 %% more CPU time)")
     adversarial_weight: float = _opt(0.1, "weight of the student's adversarial loss (0 = no discriminator)")
     discriminator_channels: list = _opt((128, 256, 512, 1024), "conv widths of the discriminator", nargs="+")
+    discriminator_spectral_norm: bool = _opt(False, "spectral normalisation of the discriminator's layers, "
+                                             "without its BatchNorm (a balancing lever)")
     fusion: bool = _opt(True, "fuse all four stage maps; off = last stage only (ablation switch)")
     fusion_mode: str = _opt("sum", "how stage maps are combined", choices=("sum", "product"))
     sigma: float = _opt(4.0, "Gaussian smoothing of the anomaly map (px at image_size)")
@@ -87,6 +89,11 @@ class RunConfig:
     hard_mining: float = _opt(0.9, "distil only positions whose distance is above this quantile of the batch's "
                               "(e.g. 0.9; 0 = all positions)")
     d_lr: float = _opt(1e-4, "discriminator learning rate (Adam)")
+    d_label_smoothing: float = _opt(0.0, "one-sided label smoothing: the discriminator's target for teacher "
+                                    "features is 1 - this (a balancing lever, e.g. 0.1)")
+    d_instance_noise: float = _opt(0.0, "standard deviation of Gaussian noise added to the normalised features "
+                                   "the discriminator sees (a balancing lever, e.g. 0.05)")
+    d_update_every: int = _opt(1, "update the discriminator every this many iterations (a balancing lever)")
     weight_decay: float = _opt(1e-5, "student weight decay")
     early_stop_patience: int = _opt(5, "epochs without validation-loss improvement before stopping (0 = off)")
     seed: int = _opt(0, "random seed (data split, initialisation, shuffling)")
@@ -110,6 +117,12 @@ class RunConfig:
             raise MultiADInputError(f"option stages must be numbers from 1 to 4, got {self.stages}")
         if not 0.0 <= self.score_topk < 1.0:
             raise MultiADInputError(f"option score_topk must be a fraction in [0, 1), got {self.score_topk}")
+        if not 0.0 <= self.d_label_smoothing < 0.5:
+            raise MultiADInputError(f"option d_label_smoothing must be in [0, 0.5), got {self.d_label_smoothing}")
+        if self.d_instance_noise < 0:
+            raise MultiADInputError(f"option d_instance_noise must be >= 0, got {self.d_instance_noise}")
+        if self.d_update_every < 1:
+            raise MultiADInputError(f"option d_update_every must be >= 1, got {self.d_update_every}")
         if not 0.0 <= self.hard_mining < 1.0:
             raise MultiADInputError(f"option hard_mining must be a quantile in [0, 1), got {self.hard_mining}")
         if not 0.0 < self.bn_momentum <= 1.0:
@@ -194,6 +207,7 @@ class RunConfig:
             "student_se": self.student_se,
             "discriminator": self.discriminator and self.adversarial_weight > 0,
             "discriminator_channels": tuple(self.discriminator_channels),
+            "discriminator_spectral_norm": self.discriminator_spectral_norm,
             "fusion_mode": self.fusion_mode,
             "fuse": self.fusion,
             "sigma": self.sigma,
@@ -205,4 +219,5 @@ class RunConfig:
 
 
 #: the options that decide the network's shape: a checkpoint must agree on them
-MODEL_KEYS = ("backbone", "in_channels", "student_se", "discriminator", "discriminator_channels", "fusion_mode")
+MODEL_KEYS = ("backbone", "in_channels", "student_se", "discriminator", "discriminator_channels",
+              "discriminator_spectral_norm", "fusion_mode")

@@ -17,6 +17,11 @@ def normalized(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features, dim=1, eps=1e-6)
 
 
+def with_noise(features: torch.Tensor, std: float) -> torch.Tensor:
+    """``features`` plus Gaussian noise of standard deviation ``std`` (unchanged when ``std`` is 0)."""
+    return features + std * torch.randn_like(features) if std > 0 else features
+
+
 def _hard_mean(distance: torch.Tensor, quantile: float) -> torch.Tensor:
     """Mean of the distances at or above their ``quantile`` (EfficientAD's hard-feature loss)."""
     flat = distance.flatten()
@@ -58,27 +63,36 @@ class DiscriminatorLoss(nn.Module):
     The student's features are detached: this loss trains the discriminator only. Real and fake
     go through the discriminator in one batch, so it is one forward pass (one DDP reduction, one
     set of batch-norm statistics); with equal counts the mean BCE is the mean of the two terms.
+
+    Two balancing levers for a discriminator that wins at once (both off by default):
+    ``label_smoothing`` e makes the real target ``1 - e`` (one-sided label smoothing, Salimans et
+    al. 2016); ``instance_noise`` s adds Gaussian noise of standard deviation s to the normalised
+    features it sees, real and fake alike (Sonderby et al. 2017), so the two distributions overlap.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label_smoothing: float = 0.0, instance_noise: float = 0.0) -> None:
         super().__init__()
         self.bce = nn.BCEWithLogitsLoss()
+        self.label_smoothing = float(label_smoothing)
+        self.instance_noise = float(instance_noise)
 
     def forward(self, discriminator: nn.Module, teacher_top: torch.Tensor, student_top: torch.Tensor) -> torch.Tensor:
         feats = torch.cat([normalized(teacher_top.detach()), normalized(student_top.detach())]).float()
-        logits = discriminator(feats)
+        logits = discriminator(with_noise(feats, self.instance_noise))
         n = teacher_top.shape[0]
-        target = torch.cat([torch.ones(n), torch.zeros(student_top.shape[0])]).to(logits)
-        return self.bce(logits, target)
+        target = torch.cat([torch.full((n,), 1.0 - self.label_smoothing), torch.zeros(student_top.shape[0])])
+        return self.bce(logits, target.to(logits))
 
 
 class AdversarialLoss(nn.Module):
-    """The student's adversarial term: make the discriminator call its stage-4 features real."""
+    """The student's adversarial term: make the discriminator call its stage-4 features real
+    (through the same ``instance_noise`` as :class:`DiscriminatorLoss`, so both judge one distribution)."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance_noise: float = 0.0) -> None:
         super().__init__()
         self.bce = nn.BCEWithLogitsLoss()
+        self.instance_noise = float(instance_noise)
 
     def forward(self, discriminator: nn.Module, student_top: torch.Tensor) -> torch.Tensor:
-        logits = discriminator(normalized(student_top))
+        logits = discriminator(with_noise(normalized(student_top), self.instance_noise))
         return self.bce(logits, torch.ones_like(logits))

@@ -230,6 +230,9 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         augment_flips=cfg.augment_flips,
         lr_scheduler=build_scheduler(cfg, optimizer, len(loader)),
         seed=cfg.seed,
+        d_label_smoothing=cfg.d_label_smoothing,
+        d_instance_noise=cfg.d_instance_noise,
+        d_update_every=cfg.d_update_every,
         train_handlers=handlers,
     )
 

@@ -171,7 +171,8 @@ def test_student_initialised_from_teacher_and_bn_momentum_set():
 
 
 @pytest.mark.parametrize("bad", [{"stages": [0]}, {"score_topk": 1.0}, {"hard_mining": -0.1}, {"bn_momentum": 0.0},
-                                 {"map_normalization": "max"}, {"optimizer": "rmsprop"}])
+                                 {"map_normalization": "max"}, {"optimizer": "rmsprop"}, {"d_label_smoothing": 0.5},
+                                 {"d_instance_noise": -1.0}, {"d_update_every": 0}])
 def test_bad_lever_values_are_named(bad):
     with pytest.raises(MultiADInputError, match=next(iter(bad))):
         RunConfig(**bad)
@@ -227,3 +228,76 @@ def test_validation_loss_is_the_mean_distillation_loss_over_the_images():
             t, s = net.features(batch["image"])
             total += float(DistillationLoss()(t, s)) * len(batch["image"])
     assert evaluator.state.metrics["val_loss"] == pytest.approx(total / 11, rel=1e-5)
+
+
+def test_discriminator_label_smoothing_and_instance_noise():
+    """One-sided smoothing moves only the teacher's (real) target to 1 - e; instance noise reaches
+    what the discriminator sees, in its loss and in the student's adversarial term."""
+    from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, normalized
+
+    seen = []
+
+    def constant(x):  # a "discriminator" that records its input and answers logit 0 for every image
+        seen.append(x)
+        return torch.zeros(x.shape[0])
+
+    t, s = torch.randn(3, 8, 2, 2), torch.randn(3, 8, 2, 2)
+    bce0 = float(DiscriminatorLoss()(constant, t, s))
+    assert bce0 == pytest.approx(math.log(2))  # logit 0 against 1 and 0: log 2 either way
+    assert torch.equal(seen[-1], torch.cat([normalized(t), normalized(s)]))
+
+    def confident(x):  # calls teacher features real with logit 10, student's fake with -10
+        return torch.tensor([10.0] * 3 + [-10.0] * 3)
+
+    smooth = float(DiscriminatorLoss(label_smoothing=0.2)(confident, t, s))
+    expected = (0.8 * math.log1p(math.exp(-10)) + 0.2 * math.log1p(math.exp(10)) + math.log1p(math.exp(-10))) / 2
+    assert smooth == pytest.approx(expected, rel=1e-5)
+    assert float(DiscriminatorLoss()(confident, t, s)) < 1e-4
+    torch.manual_seed(0)
+    DiscriminatorLoss(instance_noise=0.5)(constant, t, s)
+    noise = seen[-1] - torch.cat([normalized(t), normalized(s)])
+    assert 0.4 < float(noise.std()) < 0.6
+    AdversarialLoss(instance_noise=0.5)(constant, s)
+    assert 0.4 < float((seen[-1] - normalized(s)).std()) < 0.6
+    AdversarialLoss()(constant, s)
+    assert torch.equal(seen[-1], normalized(s))
+
+
+def test_spectral_norm_discriminator_has_unit_norm_layers_and_no_batchnorm():
+    from monai_multiad.networks import FeatureDiscriminator
+
+    torch.manual_seed(0)
+    d = FeatureDiscriminator(16, channels=(8, 12), spectral_norm=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    d.train()
+    for _ in range(30):  # the power iteration runs in train mode
+        d(torch.randn(2, 16, 4, 4))
+    d.eval()
+    for layer in (d.features[0], d.features[3], d.fc):
+        w = layer.weight.flatten(1)
+        assert float(torch.linalg.matrix_norm(w, ord=2)) == pytest.approx(1.0, abs=0.02)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in FeatureDiscriminator(16, channels=(8,)).modules())
+    net = build_network(RunConfig(backbone="resnet18", pretrained="none", discriminator=True,
+                                  discriminator_spectral_norm=True))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.discriminator.modules())
+
+
+def test_discriminator_updated_every_nth_iteration_only():
+    from ignite.engine import Events
+
+    from monai_multiad.workflow import build_trainer
+
+    cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=True, d_update_every=2,
+                    d_label_smoothing=0.1, d_instance_noise=0.05, epochs=1)
+    net = build_network(cfg)
+    batch = {"image": torch.rand(2, 3, 64, 64)}
+    trainer = build_trainer(cfg, net, [batch, batch, batch], torch.device("cpu"))
+    assert trainer.discriminator_loss.label_smoothing == 0.1 and trainer.adversarial_loss.instance_noise == 0.05
+    snapshots = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: snapshots.append(net.discriminator.fc.weight.detach().clone()))
+    before = net.discriminator.fc.weight.detach().clone()
+    trainer.run()
+    assert torch.equal(snapshots[0], before)  # iteration 1: not updated
+    assert not torch.equal(snapshots[1], snapshots[0])  # iteration 2: updated
+    assert torch.equal(snapshots[2], snapshots[1])  # iteration 3: not updated

@@ -64,6 +64,9 @@ class MultiADTrainer(Trainer):
             batches, flips and dropout depend only on the seed and the epoch number, so a run resumed
             from epoch N's checkpoint repeats what the uninterrupted run did from there (``None``: the
             generators run on).
+        d_label_smoothing, d_instance_noise: the discriminator's balancing levers (see
+            :class:`monai_multiad.losses.DiscriminatorLoss`).
+        d_update_every: the discriminator is updated on every this-many-th iteration only.
         other arguments: as ``monai.engines.Trainer``.
 
     The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
@@ -91,6 +94,9 @@ class MultiADTrainer(Trainer):
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         augment_flips: bool = False,
         seed: int | None = None,
+        d_label_smoothing: float = 0.0,
+        d_instance_noise: float = 0.0,
+        d_update_every: int = 1,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -114,8 +120,9 @@ class MultiADTrainer(Trainer):
         self.lr_scheduler = lr_scheduler
         self.augment_flips = bool(augment_flips)
         self.distillation_loss = DistillationLoss(stage_weights, hard_mining=hard_mining)
-        self.adversarial_loss = AdversarialLoss()
-        self.discriminator_loss = DiscriminatorLoss()
+        self.adversarial_loss = AdversarialLoss(instance_noise=d_instance_noise)
+        self.discriminator_loss = DiscriminatorLoss(label_smoothing=d_label_smoothing, instance_noise=d_instance_noise)
+        self.d_update_every = int(d_update_every)
         distributed = idist.get_world_size() > 1
         self.student = idist.auto_model(network.student, sync_bn=False) if distributed else network.student
         self.discriminator = network.discriminator
@@ -176,7 +183,7 @@ class MultiADTrainer(Trainer):
             engine.lr_scheduler.step()
 
         d_loss = torch.zeros(())
-        if engine.use_discriminator:
+        if engine.use_discriminator and engine.state.iteration % engine.d_update_every == 0:
             with engine._autocast():
                 d_loss = engine.discriminator_loss(d_net, teacher[-1], student[-1])
             engine.d_optimizer.zero_grad(set_to_none=True)

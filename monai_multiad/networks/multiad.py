@@ -42,6 +42,7 @@ class MultiAD(nn.Module):
         student_se: the SE switch of the ablation (SE blocks added in the student).
         discriminator: build the discriminator (the adversarial loss weight can still be 0).
         discriminator_channels: conv widths of the discriminator.
+        discriminator_spectral_norm: spectral normalisation of the discriminator's layers (no BatchNorm).
         fusion_mode: ``"sum"`` or ``"product"``; ``fuse=False`` uses the last stage only.
         sigma: Gaussian smoothing of the fused map, in pixels.
         stages: the stages (1-4) whose maps are fused (all by default); the student still
@@ -68,6 +69,7 @@ class MultiAD(nn.Module):
         student_se: bool = True,
         discriminator: bool = True,
         discriminator_channels: Sequence[int] = (128, 256, 512, 1024),
+        discriminator_spectral_norm: bool = False,
         fusion_mode: str = "sum",
         fuse: bool = True,
         sigma: float = 4.0,
@@ -88,7 +90,8 @@ class MultiAD(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.discriminator = (
-            FeatureDiscriminator(self.teacher.out_channels[-1], discriminator_channels) if discriminator else None
+            FeatureDiscriminator(self.teacher.out_channels[-1], discriminator_channels,
+                                 spectral_norm=discriminator_spectral_norm) if discriminator else None
         )
         self.fusion = AnomalyMapFusion(len(self.teacher.out_channels), mode=fusion_mode, sigma=sigma, fuse=fuse,
                                        stages=stages, score_topk=score_topk)
