@@ -202,6 +202,7 @@ def network_def_config(model_or_run: MultiAD | str | Path) -> dict:
         }
         if m.discriminator is not None:
             kwargs["discriminator_channels"] = _discriminator_channels(m)
+            kwargs["discriminator_spectral_norm"] = nn.utils.parametrize.is_parametrized(m.discriminator.fc)
     else:
         from monai_multiad.run_folder import load_model
 

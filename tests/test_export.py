@@ -142,6 +142,12 @@ def test_ckpt_export_from_run_folder(model, tmp_path):
     Checkpoint.load_objects(to_load={"model": net}, checkpoint=str(nested))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in net.state_dict().items())
 
+    # a spectrally normalised discriminator has other parameters: the config names it, so they load strictly
+    sn = MultiAD("resnet18", pretrained=False, discriminator_channels=(8,), discriminator_spectral_norm=True)
+    assert network_def_config(sn)["discriminator_spectral_norm"] is True
+    ConfigParser({"network_def": network_def_config(sn)}).get_parsed_content("network_def").load_state_dict(
+        sn.state_dict())
+
 
 def test_lite0_pretrained_export(tmp_path):
     """EfficientNet-Lite0 (static same padding, ReLU6) exports to TorchScript and ONNX."""
