@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from monai_multiad.config import FALSE_WORDS, MODEL_KEYS, TRUE_WORDS, RunConfig
-from monai_multiad.errors import MultiADInputError, WeightsError
+from monai_multiad.errors import MultiADInputError, WeightsError, find_input_error
 from monai_multiad.outputs import check_output_dir
 from monai_multiad.networks import MultiAD
 
@@ -131,16 +131,6 @@ def anomaly_map_network(cfg: RunConfig, check_inputs: bool = False) -> AnomalyMa
     return AnomalyMapNetwork(**{**cfg.model_kwargs(), "pretrained": False, "check_inputs": check_inputs})
 
 
-def _find_input_error(exc: BaseException | None) -> MultiADInputError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, MultiADInputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def install_error_hook(prog: str = "multiad bundle") -> None:
     """Make an uncaught :class:`MultiADInputError` (also one MONAI wrapped in its own errors) end the
     process with one line ``<prog>: error: <message>`` on stderr instead of a traceback; any other
@@ -150,7 +140,7 @@ def install_error_hook(prog: str = "multiad bundle") -> None:
         return
 
     def hook(exc_type, exc, tb):
-        found = _find_input_error(exc)
+        found = find_input_error(exc)
         if found is None:
             previous(exc_type, exc, tb)
         else:

@@ -8,7 +8,7 @@ cannot be written (:class:`OutputWriteError`: a full disk, a quota) is one line 
 
 from __future__ import annotations
 
-__all__ = ["MultiADInputError", "OutputWriteError", "WeightsError", "input_error"]
+__all__ = ["MultiADInputError", "OutputWriteError", "WeightsError", "find_input_error", "input_error"]
 
 
 class MultiADInputError(ValueError):
@@ -28,3 +28,16 @@ class WeightsError(MultiADInputError):
 def input_error(path, problem: str) -> MultiADInputError:
     """Build a one-line error ``"<path>: <problem>"`` (``path`` may be ``None``)."""
     return MultiADInputError(f"{path}: {problem}" if path is not None else problem)
+
+
+def find_input_error(exc: BaseException | None) -> MultiADInputError | None:
+    """The :class:`MultiADInputError` behind ``exc`` (itself, or one that MONAI wrapped in its own
+    errors: a transform's ``RuntimeError("applying transform ...")``, a config's instantiation error),
+    or ``None``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MultiADInputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

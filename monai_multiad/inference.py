@@ -19,11 +19,19 @@ from monai_multiad.metrics import AUPRO, F1Max, ImageAUROC, PixelAUROC
 from monai_multiad.visualize import contact_sheet, overlay
 from monai_multiad.workflow import build_datasets, build_loader, load_model, resolve_device
 
-__all__ = ["evaluate", "predict", "score_images", "anomaly_metrics", "format_table"]
+__all__ = ["evaluate", "predict", "score_images", "anomaly_metrics", "format_table", "evaluation_config",
+           "evaluation_dataset", "mask_coverage", "ScoreRows", "run_evaluation", "write_evaluation", "score_and_label",
+           "pixel_rows"]
 
 
-def _pixel_rows(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps and masks of the images whose ground truth is known (normal, or anomalous with a mask)."""
+def score_and_label(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An evaluator output's image scores and labels (the image metrics' ``output_transform``)."""
+    return o["score"], o["label"]
+
+
+def pixel_rows(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and masks of the images whose ground truth is known (normal, or anomalous with a mask):
+    the pixel metrics' ``output_transform``."""
     keep = torch.as_tensor(o.get("has_mask", torch.ones_like(o["score"], dtype=torch.bool))).bool().cpu()
     keep = keep | (torch.as_tensor(o["label"]).cpu() == 0)
     return o["anomaly_map"].cpu()[keep], torch.as_tensor(o["mask"]).cpu()[keep]
@@ -31,16 +39,16 @@ def _pixel_rows(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def anomaly_metrics(pixel: bool = True) -> tuple[dict, dict]:
     """(key metric, additional metrics) for :class:`MultiADEvaluator`: image AUROC, F1-max, and
-    (with masks) pixel AUROC and AUPRO to FPR 0.3."""
-    key = {"image_auroc": ImageAUROC(output_transform=lambda o: (o["score"], o["label"]))}
-    extra: dict[str, Any] = {"f1": F1Max(output_transform=lambda o: (o["score"], o["label"]))}
+    (with masks) pixel AUROC and AUPRO to FPR 0.3. The bundles' ``evaluate.json`` lists the same."""
+    key = {"image_auroc": ImageAUROC(output_transform=score_and_label)}
+    extra: dict[str, Any] = {"f1": F1Max(output_transform=score_and_label)}
     if pixel:
-        extra["pixel_auroc"] = PixelAUROC(output_transform=_pixel_rows)
-        extra["aupro"] = AUPRO(fpr_limit=0.3, output_transform=_pixel_rows)
+        extra["pixel_auroc"] = PixelAUROC(output_transform=pixel_rows)
+        extra["aupro"] = AUPRO(fpr_limit=0.3, output_transform=pixel_rows)
     return key, extra
 
 
-def _mask_coverage(dataset) -> tuple[int, int]:
+def mask_coverage(dataset) -> tuple[int, int]:
     """(anomalous test samples with a ground-truth mask, anomalous test samples) of a test dataset.
     A dataset without ``samples`` (volume slices, whose labels come with their masks) counts as covered."""
     samples = getattr(dataset, "samples", None)
@@ -58,72 +66,83 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def evaluate(
-    run_dir: str | Path,
-    dataset_dir: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    sheet_size: int = 8,
-    layout: str | None = None,
-) -> dict[str, Any]:
-    """Score the test split of ``dataset_dir`` (default: the one trained on; ``layout``: its layout,
-    default the run's) and write ``metrics.json``, ``scores.csv`` and ``contact_sheet.png`` (most and
-    least anomalous) to ``out_dir``.
-
-    Pixel AUROC and AUPRO are computed on the images whose ground truth is known (normal images,
-    anomalous ones with a mask). When no anomalous image has a mask (a labels-only test set) they are
-    ``None`` and ``pixel_metrics`` says why; when some lack one, it says on how many they were computed.
-    """
-    dev = resolve_device(device)
-    network, cfg, fusion = load_model(run_dir, dev)
+# ----------------------------------------------------------------------------- evaluation, step by step
+def evaluation_config(cfg: RunConfig, dataset_dir: str | Path | None = None, batch_size: int | None = None,
+                layout: str | None = None) -> RunConfig:
+    """The run's configuration with the test data set's folder, batch size and layout where given."""
     overrides = {"dataset_dir": str(dataset_dir) if dataset_dir else None, "batch_size": batch_size, "layout": layout}
-    cfg = RunConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v}})
-    out_dir = Path(out_dir or run_dir).absolute()
-    test_ds = build_datasets(cfg, "test")
-    if len(test_ds) == 0:
+    return RunConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v}})
+
+
+def evaluation_dataset(cfg: RunConfig):
+    """The test split of ``cfg.dataset_dir``, checked before any work: not empty, with anomalous images,
+    masks paired with their images (each failure one line naming the folder or file)."""
+    dataset = build_datasets(cfg, "test")
+    if len(dataset) == 0:
         raise MultiADInputError(f"{cfg.dataset_dir}: the test split is empty")
-    if getattr(test_ds, "samples", None) is not None:
+    if getattr(dataset, "samples", None) is not None:
         from monai_multiad.data.images import check_masks
 
-        check_masks(test_ds.samples)  # a mask paired with the wrong image: one line, before any work
-    with_mask, anomalous = _mask_coverage(test_ds)
-    if anomalous == 0:
+        check_masks(dataset.samples)  # a mask paired with the wrong image: one line, before any work
+    if mask_coverage(dataset)[1] == 0:
         raise MultiADInputError(f"{cfg.dataset_dir}: the test split has no anomalous images: nothing to evaluate "
                                 "against (see 'multiad train --help' for the layouts)")
-    if with_mask == 0:
-        pixel_note = (f"skipped: none of the {anomalous} anomalous test images has a ground-truth mask "
-                      "(labels only); image-level metrics only")
-    elif with_mask < anomalous:
-        pixel_note = (f"computed on the {with_mask} of {anomalous} anomalous test images that have a mask "
-                      "(and the normal images)")
-    else:
-        pixel_note = "computed on every test image"
-    key, extra = anomaly_metrics(pixel=with_mask > 0)
-    evaluator = MultiADEvaluator(dev, build_loader(test_ds, cfg, shuffle=False), network,
-                                 key_val_metric=key, additional_metrics=extra, amp=cfg.amp)
-    rows: list[dict[str, Any]] = []
+    return dataset
 
-    @evaluator.on(Events.ITERATION_COMPLETED)
-    def _collect(engine) -> None:
+
+def _pixel_note(dataset) -> str:
+    with_mask, anomalous = mask_coverage(dataset)
+    if with_mask == 0:
+        return (f"skipped: none of the {anomalous} anomalous test images has a ground-truth mask "
+                "(labels only); image-level metrics only")
+    if with_mask < anomalous:
+        return f"computed on the {with_mask} of {anomalous} anomalous test images that have a mask (and the normal images)"
+    return "computed on every test image"
+
+
+class ScoreRows:
+    """Evaluator handler: one row per test image (``path``, ``label``, ``score``, ``index`` in the
+    data set, and ``case``, ``slice_index`` for a slice of a volume), what ``scores.csv`` lists."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
         o = engine.state.output
         for i, score in enumerate(o["score"].tolist()):
-            rows.append({"path": o["path"][i], "label": int(o["label"][i]), "score": score, "index": len(rows)})
+            row = {"path": o["path"][i], "label": int(o["label"][i]), "score": score, "index": len(self.rows)}
             if "case" in o:  # a slice of a volume
-                rows[-1].update(case=o["case"][i], slice_index=int(o["slice_index"][i]))
+                row.update(case=o["case"][i], slice_index=int(o["slice_index"][i]))
+            self.rows.append(row)
 
+
+def run_evaluation(evaluator, cfg: RunConfig) -> None:
+    """Run the test evaluator; a metric that cannot be computed is one line naming the data set."""
     try:
         evaluator.run()
     except MultiADInputError:  # a file that cannot be used (unreadable image, mismatched mask): names it
         raise
     except ValueError as e:
         raise MultiADInputError(f"{cfg.dataset_dir}: cannot compute the metrics ({e})") from e
-    m = evaluator.state.metrics
+
+
+def write_evaluation(evaluator, score_rows: ScoreRows, dataset, model: tuple, cfg: RunConfig,
+                     run_dir: str | Path, out_dir: str | Path, sheet_size: int = 8) -> dict[str, Any]:
+    """After :func:`run_evaluation`: the metrics (and, for volumes, the scan-level ones), written to
+    ``out_dir`` as ``metrics.json`` (kept beside what it held), ``scores.csv`` (and ``scans.csv``) and
+    ``contact_sheet.png``. ``model``: ``(network, config, fusion)`` as :func:`load_model` gives it."""
+    network, _, fusion = model
+    out_dir = Path(out_dir).absolute()
+    rows, m = score_rows.rows, evaluator.state.metrics
     metrics = {
         "image_auroc": m["image_auroc"],
         "pixel_auroc": m.get("pixel_auroc"),
         "aupro": m.get("aupro"),
-        "pixel_metrics": pixel_note,
+        "pixel_metrics": _pixel_note(dataset),
         "f1_max": m["f1"]["f1_max"],
         "f1_threshold": m["f1"]["threshold"],
         "normal_threshold": fusion.get("threshold"),
@@ -147,8 +166,41 @@ def evaluate(
     if volumes:
         write_text(out_dir / "scans.csv", _csv(scans, ["case", "label", "scan_score", "anomalous", "num_slices",
                                                        "top_slices"]))
-    _write_sheet(network, test_ds, rows, out_dir / "contact_sheet.png", dev, sheet_size)
+    _write_sheet(network, dataset, rows, out_dir / "contact_sheet.png", evaluator.state.device, sheet_size)
     return metrics
+
+
+def evaluate(
+    run_dir: str | Path,
+    dataset_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    sheet_size: int = 8,
+    layout: str | None = None,
+) -> dict[str, Any]:
+    """Score the test split of ``dataset_dir`` (default: the one trained on; ``layout``: its layout,
+    default the run's) and write ``metrics.json``, ``scores.csv`` and ``contact_sheet.png`` (most and
+    least anomalous) to ``out_dir``.
+
+    Pixel AUROC and AUPRO are computed on the images whose ground truth is known (normal images,
+    anomalous ones with a mask). When no anomalous image has a mask (a labels-only test set) they are
+    ``None`` and ``pixel_metrics`` says why; when some lack one, it says on how many they were computed.
+
+    The bundles' ``evaluate.json`` builds the same objects by the same steps (:func:`evaluation_config`,
+    :func:`evaluation_dataset`, :func:`anomaly_metrics`, :class:`ScoreRows`, a ``MultiADEvaluator``,
+    :func:`run_evaluation`, :func:`write_evaluation`): keep the two in step.
+    """
+    dev = resolve_device(device)
+    model = load_model(run_dir, dev)
+    cfg = evaluation_config(model[1], dataset_dir, batch_size, layout)
+    dataset = evaluation_dataset(cfg)
+    key, extra = anomaly_metrics(pixel=mask_coverage(dataset)[0] > 0)
+    score_rows = ScoreRows()
+    evaluator = MultiADEvaluator(dev, build_loader(dataset, cfg, shuffle=False), model[0],
+                                 key_val_metric=key, additional_metrics=extra, val_handlers=[score_rows], amp=cfg.amp)
+    run_evaluation(evaluator, cfg)
+    return write_evaluation(evaluator, score_rows, dataset, model, cfg, run_dir, out_dir or run_dir, sheet_size)
 
 
 def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:

@@ -94,11 +94,14 @@ def resolve_options(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, foreground="on" if layout == "volumes" else "off")
 
 
-def build_datasets(cfg: RunConfig, split: str = "train") -> Dataset | tuple[Dataset, Dataset]:
+def build_datasets(cfg: RunConfig, split: str = "train", preprocessing=None) -> Dataset | tuple[Dataset, Dataset]:
     """``split="train"``: (train, validation) datasets of normal images; ``"test"``: the test set.
 
-    Image layouts (MVTec AD, BMAD) come from :mod:`monai_multiad.data.images`; volume folders
-    from :mod:`monai_multiad.data.volumes` (normal slices for training).
+    Image layouts (MVTec AD, BMAD) come from :mod:`monai_multiad.data.images`, whose dataset decodes
+    and resizes each file; volume folders from :mod:`monai_multiad.data.volumes` (normal slices for
+    training), each case through ``preprocessing``: the MONAI ``Compose`` the brain bundle's
+    ``train.json`` shows (default :func:`~monai_multiad.data.volumes.volume_preprocessing` of ``cfg``).
+    2D image layouts do not use ``preprocessing``.
     """
     root = Path(cfg.dataset_dir)
     layout = cfg.layout
@@ -107,7 +110,7 @@ def build_datasets(cfg: RunConfig, split: str = "train") -> Dataset | tuple[Data
     if layout == "volumes":
         from monai_multiad.data.volumes import volume_slice_datasets
 
-        return volume_slice_datasets(cfg, split)
+        return volume_slice_datasets(cfg, split, preprocessing)
     from monai_multiad.data.images import AnomalyImageDataset, samples_for, split_normals
 
     size, ch = cfg.image_size, cfg.in_channels
@@ -208,14 +211,17 @@ def build_discriminator_optimizer(cfg: RunConfig, network: MultiAD) -> torch.opt
 
 def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device,
                   optimizer: torch.optim.Optimizer | None = None, d_optimizer: torch.optim.Optimizer | None = None,
-                  handlers: list | None = None) -> MultiADTrainer:
+                  handlers: list | None = None, lr_scheduler="auto") -> MultiADTrainer:
     """The :class:`MultiADTrainer` of ``cfg``. The optimisers (built by :func:`build_optimizer` and
     :func:`build_discriminator_optimizer` when not given) are the bundles' ``train#optimizer`` and
-    ``train#d_optimizer``; the learning-rate schedule is :func:`build_scheduler`'s; ``handlers``
-    (the validation's ``ValidationHandler`` first) are attached as the trainer is built."""
+    ``train#d_optimizer``; ``lr_scheduler`` is the bundles' ``train#lr_scheduler`` (stepped every
+    iteration; ``None``: constant), by default :func:`build_scheduler`'s; ``handlers`` (the
+    validation's ``ValidationHandler`` first) are attached as the trainer is built."""
     optimizer = optimizer if optimizer is not None else build_optimizer(cfg, network)
     if d_optimizer is None:
         d_optimizer = build_discriminator_optimizer(cfg, network)
+    if isinstance(lr_scheduler, str) and lr_scheduler == "auto":
+        lr_scheduler = build_scheduler(cfg, optimizer, len(loader))
     return MultiADTrainer(
         device=device,
         max_epochs=cfg.epochs,
@@ -228,7 +234,7 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         hard_mining=cfg.hard_mining,
         stage_weights=cfg.loss_stage_weights,
         augment_flips=cfg.augment_flips,
-        lr_scheduler=build_scheduler(cfg, optimizer, len(loader)),
+        lr_scheduler=lr_scheduler,
         seed=cfg.seed,
         d_label_smoothing=cfg.d_label_smoothing,
         d_instance_noise=cfg.d_instance_noise,

@@ -203,6 +203,28 @@ def test_industrial_train_evaluate_inference(industrial):
         assert p["threshold"] == threshold and p["anomalous"] is (p["score"] > threshold)
 
 
+def test_evaluate_json_shows_the_evaluator(industrial):
+    """evaluate.json instantiates the test evaluator, its metrics and its score collector as objects (as
+    `multiad evaluate` builds them); without masks the pixel metrics are left out by ``_disabled_``."""
+    from monai.bundle import ConfigParser
+
+    from monai_multiad.engines.evaluator import MultiADEvaluator
+    from monai_multiad.inference import ScoreRows
+
+    def parsed(**overrides):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / "multiad_industrial" / "configs" / "evaluate.json"))
+        parser.update({"bundle_root": str(industrial["root"]), "device": "cpu", **overrides})
+        return parser
+
+    parser = parsed()
+    evaluator = parser.get_parsed_content("evaluator")
+    assert isinstance(evaluator, MultiADEvaluator) and len(evaluator.data_loader.dataset) == 8
+    assert set(parser.get_parsed_content("additional_metrics")) == {"f1", "pixel_auroc", "aupro"}
+    assert isinstance(parser.get_parsed_content("score_rows"), ScoreRows)
+    assert set(parsed(pixel_metrics=False).get_parsed_content("additional_metrics")) == {"f1"}
+
+
 def test_industrial_network_def_io_and_ckpt_export(industrial, tmp_path):
     # verify_net_in_out with the README's arguments: the default network at the metadata's 256 px
     from monai.bundle import verify_net_in_out
@@ -265,6 +287,49 @@ def test_brain_train_evaluate_screen(brain):
     amap = nib.load(report[0]["map"])
     assert amap.shape == scan.shape and np.allclose(amap.affine, scan.affine)
     assert "score" in proc.stdout
+
+
+def _brain_parser(data: Path, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "multiad_brain_mri" / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(data), "image_size": 48, "in_channels": 1, "device": "cpu", **overrides})
+    return parser
+
+
+def _brain_datasets(data: Path, **overrides):
+    parser = _brain_parser(data, **overrides)
+    return parser.get_parsed_content("datasets"), parser.get_parsed_content("run_config")
+
+
+def test_brain_preprocessing_is_the_config_object(brain):
+    """The brain bundle's ``preprocessing`` (a ``Compose`` of the project's dictionary transforms in
+    train.json) is what cuts the training slices: the same slices as ``multiad train`` by default, and
+    an override of one of its transforms' arguments changes them."""
+    from monai_multiad.workflow import build_datasets
+
+    (train, val), cfg = _brain_datasets(brain["data"])
+    ref_train, ref_val = build_datasets(cfg, "train")
+    for ours, ref in ((train, ref_train), (val, ref_val)):
+        assert len(ours) == len(ref) > 0
+        assert all(ours[i]["name"] == ref[i]["name"] and torch.equal(ours[i]["image"], ref[i]["image"])
+                   for i in range(len(ref)))
+    assert train[0]["image"].shape == (1, 48, 48)
+    (smaller, _), _ = _brain_datasets(brain["data"], **{"preprocessing#transforms#2#spatial_size": [32, 32]})
+    assert len(smaller) == len(train) and smaller[0]["image"].shape == (1, 32, 32)
+
+
+def test_learning_rate_schedule_is_a_config_object(brain):
+    """``train#lr_scheduler`` in train.json is the schedule the trainer steps: ``None`` for
+    ``lr_schedule constant``, warm-up + cosine (a ``LambdaLR`` on ``train#optimizer``) for ``cosine``."""
+    tiny = {"backbone": "resnet18", "pretrained": "none", "batch_size": 4}
+    assert _brain_parser(brain["data"], **tiny).get_parsed_content("train#trainer").lr_scheduler is None
+    parser = _brain_parser(brain["data"], lr_schedule="cosine", **tiny)
+    trainer = parser.get_parsed_content("train#trainer")
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
+    assert trainer.lr_scheduler is parser.get_parsed_content("train#lr_scheduler")
+    assert trainer.lr_scheduler.optimizer is parser.get_parsed_content("train#optimizer")
 
 
 def test_brain_network_def_io():

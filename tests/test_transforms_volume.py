@@ -368,6 +368,43 @@ def test_dictionary_forms_in_compose(tmp_path):
     assert inv["image"].shape == (1, 16, 16, 12) and torch.allclose(inv["image"].affine, torch.as_tensor(AFFINES["flipped"]))
 
 
+def test_label_aware_slicing_drops_or_adds_labelled_slices(tmp_path):
+    """VolumeToSlicesd(label_key=...): "drop" keeps the normal foreground slices (training), "add" the
+    foreground plus every labelled slice (testing), each flagged; a label on another grid is refused."""
+    vol = np.zeros((6, 6, 10), np.float32)
+    vol[:, :, 2:8] = 1.0  # foreground slices 2..7
+    lab = np.zeros_like(vol)
+    lab[1, 1, 4] = lab[2, 2, 9] = 1.0  # slice 4 (foreground) and slice 9 (background) are labelled
+    data = {"image": _mt(vol, np.eye(4)), "mask": _mt(lab, np.eye(4) * 1.0000001), "name": "c"}
+
+    def cut(labelled):
+        return VolumeToSlicesd(["image", "mask"], mode=("bilinear", "nearest"), label_key="mask",
+                               labelled=labelled)(dict(data))
+
+    drop, add = cut("drop"), cut("add")
+    assert [d["slice_index"] for d in drop] == [2, 3, 5, 6, 7] and all(d["label"] == 0 for d in drop)
+    assert [d["slice_index"] for d in add] == [2, 3, 4, 5, 6, 7, 9]
+    assert [d["label"] for d in add] == [0, 0, 1, 0, 0, 0, 1]
+    assert all(float(d["mask"].sum()) == d["label"] for d in add)  # each labelled slice holds its one voxel
+    normal = VolumeToSlicesd("image", label_key="mask")({"image": data["image"]})  # no label: a normal volume
+    assert [d["label"] for d in normal] == [0] * 6
+    data["mask"] = _mt(lab[:, :, :9], np.eye(4))
+    with pytest.raises(MultiADInputError, match="label shape"):
+        cut("drop")
+    with pytest.raises(MultiADInputError, match="labelled"):
+        VolumeToSlicesd("image", label_key="mask", labelled="keep")
+
+
+def test_ct_window_given_as_text():
+    """The ct_window option's text (a preset or "level,width") is a window for "ct" and ignored by "mri"."""
+    hu = torch.tensor([[-45.0, 30.0, 105.0]])
+    np.testing.assert_allclose(ScaleIntensityByModality(mode="ct", window="liver")(hu).numpy(), [[0.0, 0.5, 1.0]])
+    np.testing.assert_allclose(ScaleIntensityByModality(mode="ct", window="30,150")(hu).numpy(), [[0.0, 0.5, 1.0]])
+    assert ScaleIntensityByModality(mode="mri", window="liver").window is None
+    with pytest.raises(MultiADInputError):
+        ScaleIntensityByModality(mode="ct", window="")
+
+
 # ----------------------------------------------------------------------------- real files
 def test_pydicom_test_files_are_single_slice_volumes():
     pydicom_data = pytest.importorskip("pydicom.data")

@@ -24,10 +24,11 @@ cases: ``round(val_fraction * n)`` train cases, at least 1 and leaving at least 
 missing label means a normal volume. Slice indices (``"<case>#<k>"``) are canonical RAS indices
 along the axis (the array index for RAS-oriented volumes such as lgg_flair's).
 
-Slices: each volume is normalised once (``cfg.modality``, ``cfg.ct_window``; see
-:func:`~monai_multiad.transforms.scale_intensity`), cut along ``cfg.slice_axis`` into canonical
-RAS slices resized to ``cfg.image_size`` by a :class:`~monai_multiad.transforms.VolumeToSlices`, the
-same transform screening cuts a scan with. **Foreground rule** (that transform's, written in
+Slices: each case goes through :func:`volume_preprocessing`, a MONAI ``Compose`` of the project's
+dictionary transforms (the brain bundle's ``preprocessing``): loaded, normalised once
+(``cfg.modality``, ``cfg.ct_window``; see :func:`~monai_multiad.transforms.scale_intensity`), cut
+along ``cfg.slice_axis`` into canonical RAS slices resized to ``cfg.image_size`` by a
+:class:`~monai_multiad.transforms.VolumeToSlicesd`, whose array form screening cuts a scan with. **Foreground rule** (that transform's, written in
 :mod:`monai_multiad.transforms.volume`): a slice is kept when at least 1 % of its voxels exceed 5 %
 of the normalised volume's range. Train/validation slices are the kept slices whose label slice is
 empty; test slices are the kept slices plus every slice with label voxels (an anomaly is never dropped). Slices are held in
@@ -46,22 +47,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.transforms import Compose
 from torch.utils.data import Dataset
 
-from monai_multiad.errors import input_error
-from monai_multiad.transforms.volume import (
-    CT_WINDOWS,
-    FG_THRESHOLD,
-    MIN_FOREGROUND,
-    VolumeToSlices,
-    labelled_slices,
-    load_volume,
-    scale_intensity,
-)
+from monai_multiad.errors import find_input_error, input_error
+from monai_multiad.transforms.intensity import parse_window
+from monai_multiad.transforms.volume import FG_THRESHOLD, MIN_FOREGROUND, _recorded, load_volume
+from monai_multiad.transforms.volume_dict import LoadVolumed, ScaleIntensityByModalityd, VolumeToSlicesd
 
 __all__ = ["LABEL_PATTERNS", "VolumeCase", "VolumeSliceDataset", "find_cases", "read_splits", "parse_window",
-           "intensity_kwargs", "dataset_splits", "volume_slice_datasets", "MIN_FOREGROUND", "FG_THRESHOLD"]
+           "intensity_kwargs", "dataset_splits", "volume_datalist", "volume_preprocessing", "volume_slice_datasets",
+           "MIN_FOREGROUND", "FG_THRESHOLD"]
 
 #: file (or folder) names, matched case-insensitively, that are label volumes, not images
 LABEL_PATTERNS: tuple[str, ...] = ("mask.nii", "mask.nii.gz", "*_mask.nii", "*_mask.nii.gz", "*label*")
@@ -228,28 +224,35 @@ def dataset_splits(cfg) -> dict[str, list[VolumeCase]]:
 
 
 # ----------------------------------------------------------------------------- preprocessing
-def parse_window(window) -> tuple[tuple[float, float] | None, str | None]:
-    """A CT window as ``(window, preset)``: a preset name, ``"level,width"``, ``(level, width)`` or empty."""
-    if window is None or (isinstance(window, str) and not window.strip()):
-        return None, None
-    if isinstance(window, str):
-        text = window.strip()
-        if text.lower() in CT_WINDOWS:
-            return None, text.lower()
-        try:
-            level, width = (float(v) for v in text.replace(";", ",").split(","))
-        except ValueError:
-            raise input_error(None, f"CT window {window!r}: expected a preset ({', '.join(sorted(CT_WINDOWS))}) "
-                                    "or 'level,width' in HU") from None
-        return (level, width), None
-    level, width = window
-    return (float(level), float(width)), None
-
-
 def intensity_kwargs(modality: str, window=None) -> dict:
     """Keyword arguments of :func:`scale_intensity` for a modality and a CT window (name or level,width)."""
     win, preset = parse_window(window) if str(modality).lower() == "ct" else (None, None)
     return {"mode": str(modality).lower(), "window": win, "preset": preset}
+
+
+def volume_datalist(cases: Sequence[VolumeCase]) -> list[dict]:
+    """Cases as MONAI datalist entries: ``{"image": path, "name": case}``, plus ``"mask": path`` when the
+    case has a label volume (the keys :func:`volume_preprocessing` reads)."""
+    return [{"image": str(c.image), "name": c.name, **({"mask": str(c.label)} if c.label is not None else {})}
+            for c in cases]
+
+
+def volume_preprocessing(modality: str = "mri", ct_window=None, slice_axis: str = "axial", image_size: int = 256,
+                         labelled: str = "drop") -> Compose:
+    """One case's preprocessing as MONAI dictionary transforms, what the bundles' ``train.json`` shows as
+    ``preprocessing``: load the image and its label (:class:`~monai_multiad.transforms.LoadVolumed`),
+    scale the image by modality (:class:`~monai_multiad.transforms.ScaleIntensityByModalityd`), and cut
+    both into canonical slices of ``image_size`` by the foreground rule
+    (:class:`~monai_multiad.transforms.VolumeToSlicesd`, the transform screening cuts a scan with),
+    leaving out (``labelled="drop"``: training and validation) or adding (``"add"``: testing) the
+    slices with label voxels. A datalist entry (:func:`volume_datalist`) becomes a list of slice dicts.
+    """
+    return Compose([  # log_stats=False: a bad file is one error line, not data statistics in the log
+        LoadVolumed(["image", "mask"], allow_missing_keys=True),
+        ScaleIntensityByModalityd("image", mode=modality, window=ct_window),
+        VolumeToSlicesd(["image", "mask"], axis=slice_axis, spatial_size=(image_size, image_size),
+                        mode=("bilinear", "nearest"), label_key="mask", labelled=labelled, allow_missing_keys=True),
+    ], log_stats=False)
 
 
 @dataclass
@@ -262,52 +265,35 @@ class _CaseSlices:
     original_size: tuple[int, int] = (0, 0)
 
 
-def _preprocess(case: VolumeCase, cfg, keep: str) -> _CaseSlices:
-    """Load, normalise and slice one case. ``keep``: "normal" (train/val) or "all" (test)."""
-    image = load_volume(case.image)
-    if image.shape[0] != 1:
-        raise input_error(case.image, f"{image.shape[0]} channels; expected a single-channel volume")
-    scaled = scale_intensity(image, **intensity_kwargs(cfg.modality, cfg.ct_window))
-    del image
-    size = (cfg.image_size, cfg.image_size)
-    slicer = VolumeToSlices(cfg.slice_axis, spatial_size=size)
-    geometry, foreground = slicer.select(scaled)
-    lab, anomalous = None, set()
-    if case.label is not None:
-        lab_vol = load_volume(case.label)
-        if tuple(lab_vol.shape) != tuple(scaled.shape):
-            raise input_error(case.label, f"label shape {tuple(lab_vol.shape[1:])} differs from its image "
-                                          f"{case.image} {tuple(scaled.shape[1:])}")
-        lab = MetaTensor(lab_vol.as_tensor(), affine=scaled.affine)  # cut with the image's geometry
-        anomalous = set(labelled_slices(lab.as_tensor(), geometry))
-    kept = set(foreground)
-    rows = sorted(kept - anomalous) if keep == "normal" else sorted(kept | anomalous)
-    h, w = geometry.slice_shape
-    if not rows:
-        return _CaseSlices(case.name, torch.zeros((0, 1, *size), dtype=torch.uint8), [],
-                           torch.zeros(0, dtype=torch.bool),
-                           original_size=(h, w))
-    slices, _, _ = slicer.slices(scaled, rows)
-    images = slices.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    labels = torch.tensor([k in anomalous for k in rows], dtype=torch.bool)
-    masks = {}
-    pos = [j for j, k in enumerate(rows) if k in anomalous]
-    if pos:
-        m, _, _ = slicer.slices(lab, [rows[j] for j in pos], mode="nearest")
-        masks = {j: (m[i] > 0).to(torch.uint8) for i, j in enumerate(pos)}
-    return _CaseSlices(case.name, images, rows, labels, masks, (h, w))
-
-
-def _preprocess_all(cases: Sequence[VolumeCase], cfg, keep: str) -> list[_CaseSlices]:
-    workers = max(1, min(4, os.cpu_count() or 1, len(cases)))
-    if workers == 1:
-        return [_preprocess(c, cfg, keep) for c in cases]
-    with ThreadPoolExecutor(workers) as pool:  # nibabel's gzip and numpy release the GIL for most of the work
-        return list(pool.map(lambda c: _preprocess(c, cfg, keep), cases))
+def _case_slices(entry: dict, transform) -> _CaseSlices:
+    """One datalist entry through ``transform`` (a list of slice dicts), held as uint8 slices."""
+    try:
+        slices = transform(entry)
+    except RuntimeError as e:  # MONAI's Compose wraps a transform's error: raise the user's one-line error
+        found = find_input_error(e)
+        if found is None:
+            raise
+        raise found from None
+    name = str(entry.get("name", entry["image"]))
+    if not slices:
+        return _CaseSlices(name, torch.zeros((0, 1, 0, 0), dtype=torch.uint8), [], torch.zeros(0, dtype=torch.bool))
+    images = torch.stack([torch.as_tensor(s["image"]) for s in slices])
+    if images.shape[1] != 1:
+        raise input_error(entry["image"], f"{images.shape[1]} channels; expected a single-channel volume")
+    images = images.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    labels = torch.tensor([bool(s.get("label", 0)) for s in slices], dtype=torch.bool)
+    masks = {j: (torch.as_tensor(s["mask"]) > 0).to(torch.uint8) for j, s in enumerate(slices) if labels[j]}
+    geometry = _recorded(slices[0]["image"])[1]
+    return _CaseSlices(name, images, [int(s["slice_index"]) for s in slices], labels, masks,
+                       tuple(int(v) for v in geometry.slice_shape))
 
 
 class VolumeSliceDataset(Dataset):
-    """Slices of preprocessed volumes, with items shaped as the 2D datasets' are:
+    """Slices of volumes, preprocessed once (as MONAI's ``CacheDataset``: ``transform`` runs on each
+    datalist entry when the dataset is built, a few cases at a time in threads) and held as uint8.
+
+    ``data``: datalist entries (:func:`volume_datalist`); ``transform``: entry -> list of slice dicts,
+    normally :func:`volume_preprocessing`. Items are shaped as the 2D datasets' are:
 
     ``{"image": float32 (in_channels, S, S) in [0, 1], "mask": float32 (1, S, S) of 0/1,
     "label": int, "has_mask": True, "path": "<case>#<slice index>", "name": same,
@@ -317,9 +303,15 @@ class VolumeSliceDataset(Dataset):
     :class:`~monai_multiad.transforms.VolumeToSlices` gives it (the array index for RAS volumes).
     """
 
-    def __init__(self, cases: Sequence[_CaseSlices], in_channels: int = 3) -> None:
+    def __init__(self, data: Sequence[dict], transform, in_channels: int = 3) -> None:
         self.in_channels = int(in_channels)
-        self._cases = list(cases)
+        data = list(data)
+        workers = max(1, min(4, os.cpu_count() or 1, len(data)))
+        if workers == 1:
+            self._cases = [_case_slices(e, transform) for e in data]
+        else:  # nibabel's gzip and numpy release the GIL for most of the work
+            with ThreadPoolExecutor(workers) as pool:
+                self._cases = list(pool.map(lambda e: _case_slices(e, transform), data))
         self.items = [(i, j) for i, c in enumerate(self._cases) for j in range(len(c.indices))]
 
     @property
@@ -344,7 +336,7 @@ class VolumeSliceDataset(Dataset):
                 "case": c.name, "slice_index": int(c.indices[j])}
 
 
-def volume_slice_datasets(cfg, split: str = "train"):
+def volume_slice_datasets(cfg, split: str = "train", preprocessing=None):
     """Datasets of a volume folder for :func:`monai_multiad.workflow.build_datasets`.
 
     Args:
@@ -353,18 +345,28 @@ def volume_slice_datasets(cfg, split: str = "train"):
         split: "train" -> ``(train, validation)`` of normal slices (validation = held-out train
             cases, or the "valid" cases of splits.json); "test" (or "valid") -> all slices of those
             cases, labelled by their masks.
+        preprocessing: the per-case transform (the bundles' ``preprocessing``); default
+            :func:`volume_preprocessing` of ``cfg``, leaving out labelled slices for "train" and
+            adding them for the other splits.
     """
     splits = dataset_splits(cfg)
+
+    def prep(labelled: str):
+        if preprocessing is not None:
+            return preprocessing
+        return volume_preprocessing(cfg.modality, cfg.ct_window, cfg.slice_axis, cfg.image_size, labelled)
+
     if split == "train":
         if not splits["valid"]:
             raise input_error(cfg.dataset_dir, f"{len(splits['train'])} training case(s): at least 2 are needed to "
                                                "hold out a validation case (or list \"valid\" cases in splits.json)")
-        train = VolumeSliceDataset(_preprocess_all(splits["train"], cfg, "normal"), cfg.in_channels)
-        val = VolumeSliceDataset(_preprocess_all(splits["valid"], cfg, "normal"), cfg.in_channels)
+        transform = prep("drop")
+        train = VolumeSliceDataset(volume_datalist(splits["train"]), transform, cfg.in_channels)
+        val = VolumeSliceDataset(volume_datalist(splits["valid"]), transform, cfg.in_channels)
         if len(val) == 0:
             raise input_error(cfg.dataset_dir, "the validation cases have no normal foreground slice")
         return train, val
     key = _SPLIT_ALIASES.get(split)
     if key not in ("test", "valid"):
         raise input_error(cfg.dataset_dir, f"unknown split {split!r}; expected train, valid or test")
-    return VolumeSliceDataset(_preprocess_all(splits[key], cfg, "all"), cfg.in_channels)
+    return VolumeSliceDataset(volume_datalist(splits[key]), prep("add"), cfg.in_channels)

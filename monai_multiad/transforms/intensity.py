@@ -12,7 +12,7 @@ from monai.utils import convert_to_tensor
 
 from monai_multiad.errors import input_error
 
-__all__ = ["CT_WINDOWS", "ScaleIntensityByModality", "scale_intensity"]
+__all__ = ["CT_WINDOWS", "ScaleIntensityByModality", "parse_window", "scale_intensity"]
 
 # CT display windows as (level, width) in Hounsfield units; the window maps
 # [level - width / 2, level + width / 2] linearly onto [0, 1]. Values are the standard ones
@@ -29,6 +29,24 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "liver": (30.0, 150.0),
     "bone": (400.0, 1800.0),
 }
+
+
+def parse_window(window) -> tuple[tuple[float, float] | None, str | None]:
+    """A CT window as ``(window, preset)``: a preset name, ``"level,width"``, ``(level, width)`` or empty."""
+    if window is None or (isinstance(window, str) and not window.strip()):
+        return None, None
+    if isinstance(window, str):
+        text = window.strip()
+        if text.lower() in CT_WINDOWS:
+            return None, text.lower()
+        try:
+            level, width = (float(v) for v in text.replace(";", ",").split(","))
+        except ValueError:
+            raise input_error(None, f"CT window {window!r}: expected a preset ({', '.join(sorted(CT_WINDOWS))}) "
+                                    "or 'level,width' in HU") from None
+        return (level, width), None
+    level, width = window
+    return (float(level), float(width)), None
 
 
 def _as_meta(img: Any) -> MetaTensor:
@@ -99,12 +117,18 @@ class ScaleIntensityByModality(Transform):
     Args:
         mode: "mri", "ct" or "minmax".
         lower, upper: percentiles for "mri".
-        window: ``(level, width)`` in HU for "ct" (wins over ``preset``).
+        window: ``(level, width)`` in HU for "ct" (wins over ``preset``), or as text: a preset name or
+            ``"level,width"`` (the ``ct_window`` option; ``""`` is none). Ignored by the other modes.
         preset: a name in :data:`CT_WINDOWS` for "ct".
     """
 
     def __init__(self, mode: str = "mri", lower: float = 0.5, upper: float = 99.5,
-                 window: Sequence[float] | None = None, preset: str | None = None) -> None:
+                 window: Sequence[float] | str | None = None, preset: str | None = None) -> None:
+        if str(mode).lower() != "ct":
+            window = None
+        elif isinstance(window, str) or window is None:
+            window, named = parse_window(window)
+            preset = preset if named is None else named
         self.mode, self.lower, self.upper, self.window, self.preset = mode, lower, upper, window, preset
         scale_intensity(torch.zeros(1, 2, 2, 2), mode, lower, upper, window, preset)  # validate options now
 

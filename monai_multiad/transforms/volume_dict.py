@@ -16,6 +16,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform
 from monai.utils import ensure_tuple_rep
 
@@ -27,7 +28,9 @@ from monai_multiad.transforms.volume import (
     ScaleIntensityByModality,
     SlicesToVolume,
     VolumeToSlices,
+    _as_meta,
     _recorded,
+    labelled_slices,
 )
 
 __all__ = [
@@ -92,6 +95,13 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
     and the other entries of the input dict (shared, not copied). An empty list comes back when
     no slice is foreground.
 
+    With ``label_key`` (a label volume, on the grid of ``fg_key``'s; any voxel > 0 is anomalous) the
+    slices with label voxels are ``labelled="drop"``: left out (the normal slices a detector trains on)
+    or ``"add"``: kept besides the foreground (an anomaly is never dropped), and each output dict gets
+    ``flag_key`` = 1 for such a slice, else 0. The label must have the image's shape (else an error
+    names both files) and is cut with the image's geometry. A dict without ``label_key`` is a normal
+    volume (all flags 0).
+
     Args:
         keys: keys of volumes ``(C, X, Y, Z)`` on one grid.
         axis, orientation, spatial_size, min_foreground, fg_threshold, keep_all, chunk_size:
@@ -99,6 +109,9 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
         mode: resize mode per key ("bilinear" for images, "nearest" for labels), or one for all.
         fg_key: the key the foreground rule looks at (may be outside ``keys``).
         index_key: output key of the slice index.
+        label_key: key of the label volume (may also be in ``keys``, to get its slices), or ``None``.
+        labelled: "drop" or "add" (above).
+        flag_key: output key of the per-slice label flag.
         allow_missing_keys: do not fail on absent keys.
     """
 
@@ -106,10 +119,14 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
                  spatial_size: Sequence[int] | None = None, mode: str | Sequence[str] = "bilinear",
                  min_foreground: float = MIN_FOREGROUND, fg_threshold: float = FG_THRESHOLD, keep_all: bool = False,
                  fg_key: Hashable | None = None, index_key: Hashable = "slice_index", chunk_size: int = 32,
+                 label_key: Hashable | None = None, labelled: str = "drop", flag_key: Hashable = "label",
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        if labelled not in ("drop", "add"):
+            raise input_error(None, f"labelled must be 'drop' or 'add', got {labelled!r}")
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.fg_key, self.index_key = fg_key, index_key
+        self.label_key, self.labelled, self.flag_key = label_key, labelled, flag_key
         self.slicer = VolumeToSlices(axis=axis, orientation=orientation, spatial_size=spatial_size,
                                      min_foreground=min_foreground, fg_threshold=fg_threshold,
                                      keep_all=keep_all, chunk_size=chunk_size)
@@ -122,7 +139,12 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
         fg_key = self.fg_key if self.fg_key is not None else keys[0][0]
         if fg_key not in d:
             raise input_error(None, f"fg_key {fg_key!r} is not in the data (keys: {list(d)})")
-        kept = self.slicer.select(d[fg_key])[1]
+        geometry, kept = self.slicer.select(d[fg_key])
+        anomalous: set[int] = set()
+        if self.label_key is not None and self.label_key in d:
+            d[self.label_key] = _on_grid_of(d[self.label_key], d[fg_key])
+            anomalous = set(labelled_slices(d[self.label_key].as_tensor(), geometry, self.slicer.chunk_size))
+            kept = sorted(set(kept) - anomalous) if self.labelled == "drop" else sorted(set(kept) | anomalous)
         per_key = {key: self.slicer(d[key], indices=kept, mode=mode) for key, mode in keys}
         names = set(per_key)
         out = []
@@ -130,6 +152,8 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
             item = {name: value for name, value in d.items() if name not in names}
             item.update({name: slices[j] for name, slices in per_key.items()})
             item[self.index_key] = k
+            if self.label_key is not None:
+                item[self.flag_key] = int(k in anomalous)
             out.append(item)
         return out
 
@@ -142,6 +166,18 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
         for key, mode in self.key_iterator(items[0], self.mode):
             d[key] = self.slicer.inverse([item[key] for item in items], mode=mode)
         return d
+
+
+def _on_grid_of(label: Any, image: Any) -> MetaTensor:
+    """``label`` on ``image``'s grid: the same shape (else an error naming both files), the image's affine
+    (so a label whose affine differs by rounding is cut exactly as its image)."""
+    label, image = _as_meta(label), _as_meta(image)
+    if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+        raise input_error(label.meta.get("filename_or_obj"),
+                          f"label shape {tuple(label.shape[1:])} differs from its image "
+                          f"{image.meta.get('filename_or_obj', '')} {tuple(image.shape[1:])}")
+    meta = {k: v for k, v in label.meta.items() if k != "affine"}
+    return MetaTensor(label.as_tensor(), affine=image.affine, meta=meta)
 
 
 class SlicesToVolumed(MapTransform):
