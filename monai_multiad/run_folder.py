@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ class EpochLog:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
         self.run_dir, self.tensorboard = Path(run_dir).absolute(), tensorboard
         self.rows: list[dict] = []
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, tuple[float, int]] = {}  # loss -> (sum, iterations it was computed in)
         self.validator, self.tensorboard_stats, self.started = None, None, time.perf_counter()
 
     def attach(self, trainer, validator) -> None:
@@ -232,13 +233,14 @@ class EpochLog:
 
     def _iteration(self, engine) -> None:
         for k, v in engine.state.output.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.sums["_n"] = self.sums.get("_n", 0) + 1
+            total, n = self.sums.get(k, (0.0, 0))
+            if not math.isnan(v):  # a loss not computed this iteration (the discriminator's, d_update_every > 1)
+                total, n = total + v, n + 1
+            self.sums[k] = (total, n)
 
     def __call__(self, trainer) -> None:
         epoch = trainer.state.epoch
-        n = max(self.sums.pop("_n", 1), 1)
-        row = {"epoch": epoch, **{k: v / n for k, v in self.sums.items()}}
+        row = {"epoch": epoch, **{k: total / n if n else float("nan") for k, (total, n) in self.sums.items()}}
         row.update(val_loss=self.validator.state.metrics["val_loss"],
                    seconds=round(time.perf_counter() - self.started, 2))
         self.rows.append(row)

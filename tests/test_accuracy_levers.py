@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -282,9 +283,10 @@ def test_spectral_norm_discriminator_has_unit_norm_layers_and_no_batchnorm():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.discriminator.modules())
 
 
-def test_discriminator_updated_every_nth_iteration_only():
+def test_discriminator_updated_every_nth_iteration_only(tmp_path):
     from ignite.engine import Events
 
+    from monai_multiad.run_folder import EpochLog
     from monai_multiad.workflow import build_trainer
 
     cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=True, d_update_every=2,
@@ -293,11 +295,17 @@ def test_discriminator_updated_every_nth_iteration_only():
     batch = {"image": torch.rand(2, 3, 64, 64)}
     trainer = build_trainer(cfg, net, [batch, batch, batch], torch.device("cpu"))
     assert trainer.discriminator_loss.label_smoothing == 0.1 and trainer.adversarial_loss.instance_noise == 0.05
-    snapshots = []
+    snapshots, d_losses = [], []
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
                               lambda e: snapshots.append(net.discriminator.fc.weight.detach().clone()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: d_losses.append(e.state.output["discriminator"]))
+    log = EpochLog(tmp_path)
+    log.attach(trainer, SimpleNamespace(state=SimpleNamespace(metrics={"val_loss": 0.0})))
     before = net.discriminator.fc.weight.detach().clone()
     trainer.run()
     assert torch.equal(snapshots[0], before)  # iteration 1: not updated
     assert not torch.equal(snapshots[1], snapshots[0])  # iteration 2: updated
     assert torch.equal(snapshots[2], snapshots[1])  # iteration 3: not updated
+    # the loss of the one update is the epoch's discriminator loss in log.csv, not a mean with the skipped zeros
+    assert math.isnan(d_losses[0]) and math.isnan(d_losses[2]) and d_losses[1] > 0
+    assert log.rows[0]["discriminator"] == pytest.approx(d_losses[1])

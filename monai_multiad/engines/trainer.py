@@ -70,7 +70,8 @@ class MultiADTrainer(Trainer):
         other arguments: as ``monai.engines.Trainer``.
 
     The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
-    ``distillation``, ``adversarial``, ``discriminator``.
+    ``distillation``, ``adversarial``, ``discriminator`` (NaN on the iterations ``d_update_every``
+    skips; ``log.csv``'s epoch mean leaves those out).
     """
 
     def __init__(
@@ -183,11 +184,14 @@ class MultiADTrainer(Trainer):
             engine.lr_scheduler.step()
 
         d_loss = torch.zeros(())
-        if engine.use_discriminator and engine.state.iteration % engine.d_update_every == 0:
-            with engine._autocast():
-                d_loss = engine.discriminator_loss(d_net, teacher[-1], student[-1])
-            engine.d_optimizer.zero_grad(set_to_none=True)
-            engine._backward_step(d_loss, engine.d_optimizer)
+        if engine.use_discriminator:
+            if engine.state.iteration % engine.d_update_every == 0:
+                with engine._autocast():
+                    d_loss = engine.discriminator_loss(d_net, teacher[-1], student[-1])
+                engine.d_optimizer.zero_grad(set_to_none=True)
+                engine._backward_step(d_loss, engine.d_optimizer)
+            else:  # no update this iteration: NaN, which the epoch's mean in log.csv leaves out
+                d_loss = torch.full((), float("nan"))
         return {
             "loss": float(loss.detach()),
             "distillation": float(distill.detach()),
