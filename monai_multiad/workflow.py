@@ -94,14 +94,17 @@ def resolve_options(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, foreground="on" if layout == "volumes" else "off")
 
 
-def build_datasets(cfg: RunConfig, split: str = "train", preprocessing=None) -> Dataset | tuple[Dataset, Dataset]:
+def build_datasets(cfg: RunConfig, split: str = "train", volume_preprocessing=None,
+                   image_loader=None) -> Dataset | tuple[Dataset, Dataset]:
     """``split="train"``: (train, validation) datasets of normal images; ``"test"``: the test set.
 
-    Image layouts (MVTec AD, BMAD) come from :mod:`monai_multiad.data.images`, whose dataset decodes
-    and resizes each file; volume folders from :mod:`monai_multiad.data.volumes` (normal slices for
-    training), each case through ``preprocessing``: the MONAI ``Compose`` the brain bundle's
-    ``train.json`` shows (default :func:`~monai_multiad.data.volumes.volume_preprocessing` of ``cfg``).
-    2D image layouts do not use ``preprocessing``.
+    The layout (``cfg.layout``, or detected) picks the kind. Image layouts (MVTec AD, BMAD, plain
+    folders): :mod:`monai_multiad.data.images`, each sample through ``image_loader`` (the industrial
+    bundle's ``preprocessing``; default :class:`~monai_multiad.data.images.LoadAnomalyImaged` of
+    ``cfg``). Volume folders: :mod:`monai_multiad.data.volumes` (normal slices for training), each
+    case through ``volume_preprocessing`` (the brain bundle's ``preprocessing``, a MONAI ``Compose``;
+    default :func:`~monai_multiad.data.volumes.volume_preprocessing` of ``cfg``). The one of the other
+    kind is not used, so a bundle given a folder of the other kind still reads it, at ``cfg``'s options.
     """
     root = Path(cfg.dataset_dir)
     layout = cfg.layout
@@ -110,7 +113,7 @@ def build_datasets(cfg: RunConfig, split: str = "train", preprocessing=None) -> 
     if layout == "volumes":
         from monai_multiad.data.volumes import volume_slice_datasets
 
-        return volume_slice_datasets(cfg, split, preprocessing)
+        return volume_slice_datasets(cfg, split, volume_preprocessing)
     from monai_multiad.data.images import AnomalyImageDataset, samples_for, split_normals
 
     size, ch = cfg.image_size, cfg.in_channels
@@ -118,8 +121,9 @@ def build_datasets(cfg: RunConfig, split: str = "train", preprocessing=None) -> 
         train, val = split_normals(samples_for(root, "train", layout), fraction=cfg.val_fraction, seed=cfg.seed)
         if not val:
             raise MultiADInputError(f"{root}: too few normal training images to hold out a validation set")
-        return AnomalyImageDataset(train, size, ch, cache=True), AnomalyImageDataset(val, size, ch, cache=True)
-    return AnomalyImageDataset(samples_for(root, split, layout), size, ch)
+        return (AnomalyImageDataset(train, size, ch, cache=True, loader=image_loader),
+                AnomalyImageDataset(val, size, ch, cache=True, loader=image_loader))
+    return AnomalyImageDataset(samples_for(root, split, layout), size, ch, loader=image_loader)
 
 
 class EpochShuffleSampler(Sampler[int]):

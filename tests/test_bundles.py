@@ -320,6 +320,28 @@ def test_brain_preprocessing_is_the_config_object(brain):
     assert len(smaller) == len(train) and smaller[0]["image"].shape == (1, 32, 32)
 
 
+def test_industrial_preprocessing_is_the_config_object(industrial):
+    """The industrial bundle's ``preprocessing`` (``LoadAnomalyImaged`` in train.json) loads the training
+    images: the same items as ``multiad train``'s datasets, and overriding its size changes them."""
+    from monai.bundle import ConfigParser
+
+    from monai_multiad.workflow import build_datasets
+
+    def parsed(**overrides):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / "multiad_industrial" / "configs" / "train.json"))
+        parser.update({"dataset_dir": str(industrial["data"]), "image_size": 48, "device": "cpu", **overrides})
+        return parser
+
+    parser = parsed()
+    (train, _), cfg = parser.get_parsed_content("datasets"), parser.get_parsed_content("run_config")
+    ref_train, _ = build_datasets(cfg, "train")
+    assert len(train) == len(ref_train) > 0 and train[0]["image"].shape == (3, 48, 48)
+    assert all(torch.equal(train[i]["image"], ref_train[i]["image"]) for i in range(len(ref_train)))
+    (small, _) = parsed(**{"preprocessing#image_size": 32}).get_parsed_content("datasets")
+    assert small[0]["image"].shape == (3, 32, 32)
+
+
 def test_learning_rate_schedule_is_a_config_object(brain):
     """``train#lr_scheduler`` in train.json is the schedule the trainer steps: ``None`` for
     ``lr_schedule constant``, warm-up + cosine (a ``LambdaLR`` on ``train#optimizer``) for ``cosine``."""

@@ -1,7 +1,7 @@
 """The 2D image dataset: samples loaded, resized to the network's size, and maps restored to the file's.
 
-:class:`AnomalyImageDataset` reads the sample dicts of :mod:`monai_multiad.data.layouts` with
-:mod:`monai_multiad.data.decoding`; :func:`restore_size` brings anomaly maps back to the original
+:class:`AnomalyImageDataset` reads the sample dicts of :mod:`monai_multiad.data.layouts`, each
+through :class:`LoadAnomalyImaged` (decoding with :mod:`monai_multiad.data.decoding`, resizing); :func:`restore_size` brings anomaly maps back to the original
 image size; :func:`check_masks` refuses a mask paired with the wrong image before any work.
 
 The readers and layouts are importable from here too (as they were when this module held them).
@@ -15,13 +15,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from monai_multiad.data import decoding, layouts
 from monai_multiad.data.decoding import _header_size, read_image, read_mask, to_channels
 from monai_multiad.errors import input_error
 
-__all__ = ["AnomalyImageDataset", "resize_image", "restore_size", "check_mask_size", "check_masks",
+__all__ = ["AnomalyImageDataset", "LoadAnomalyImaged", "resize_image", "restore_size", "check_mask_size", "check_masks",
            *decoding.__all__, *layouts.__all__]
 
 
@@ -82,10 +83,9 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     )[0]
 
 
-class AnomalyImageDataset(Dataset):
-    """Torch dataset over sample dicts (from :func:`samples_for` and friends).
-
-    Each item is a dict:
+class LoadAnomalyImaged(Transform):
+    """A sample dict of :mod:`monai_multiad.data.layouts` -> the item a model is trained or tested on
+    (what the industrial bundle's ``train.json`` shows as ``preprocessing``):
 
     * ``"image"``: float32 tensor ``(in_channels, H, W)`` in [0, 1], resized to ``image_size``
       (bilinear with anti-aliasing, see :func:`resize_image`); ``image_size=None`` keeps the size.
@@ -96,36 +96,20 @@ class AnomalyImageDataset(Dataset):
     * ``"original_size"``: int64 tensor ``[H, W]`` of the file (collates to ``(B, 2)``); give it
       to :func:`restore_size` to bring maps back to the original size.
 
-    ``cache=True`` keeps the decoded, resized tensors in memory (per process: each DataLoader
-    worker has its own cache). ``transform`` (optional) is applied to the item dict last.
     A mask of another size than its image is resized with it when it has the same aspect ratio
     (to within one mask pixel, see :func:`check_mask_size`); one of another aspect ratio, almost
     always a wrong pairing, raises MultiADInputError naming both files and both sizes.
     """
 
-    def __init__(
-        self,
-        samples: Sequence[dict],
-        image_size=256,
-        in_channels: int | None = 3,
-        cache: bool = False,
-        transform=None,
-    ):
+    def __init__(self, image_size=256, in_channels: int | None = 3) -> None:
         from monai.transforms import Resize
 
         if in_channels not in (None, 1, 3):
             raise input_error(None, f"in_channels must be 1 or 3, got {in_channels!r}")
-        self.samples = list(samples)
         self.image_size = _hw(image_size)
         self.in_channels = in_channels
-        self.cache = bool(cache)
-        self.transform = transform
-        self._cache: dict[int, tuple] = {}
         if self.image_size is not None:
             self._resize_mask = Resize(self.image_size, mode="nearest")
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def _load(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         from monai.transforms import Resize
@@ -152,24 +136,57 @@ class AnomalyImageDataset(Dataset):
         image = to_channels(image, self.in_channels).contiguous()
         return image, mask, (int(h), int(w))
 
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        if self.cache and index in self._cache:
-            image, mask, size = self._cache[index]
-        else:
-            image, mask, size = self._load(sample)
-            if self.cache:
-                self._cache[index] = (image, mask, size)
-        item = {
-            "image": image.clone() if self.cache else image,
-            "mask": mask.clone() if self.cache else mask,
-            "label": int(sample["label"]),
-            "has_mask": bool(sample.get("mask")) or int(sample["label"]) == 0,
+    def __call__(self, sample: dict) -> dict:
+        image, mask, size = self._load(sample)
+        label = int(sample["label"])
+        return {
+            "image": image,
+            "mask": mask,
+            "label": label,
+            "has_mask": bool(sample.get("mask")) or label == 0,
             "path": str(sample["image"]),
             "name": str(sample.get("name", Path(sample["image"]).stem)),
-            "defect": str(sample.get("defect", "good" if int(sample["label"]) == 0 else "anomaly")),
+            "defect": str(sample.get("defect", "good" if label == 0 else "anomaly")),
             "original_size": torch.tensor(size, dtype=torch.int64),
         }
+
+
+class AnomalyImageDataset(Dataset):
+    """Torch dataset over sample dicts (from :func:`samples_for` and friends), each loaded by
+    ``loader`` (default :class:`LoadAnomalyImaged` of ``image_size`` and ``in_channels``; its
+    docstring lists the item's keys).
+
+    ``cache=True`` keeps the loaded items in memory (per process: each DataLoader worker has its
+    own cache), as MONAI's ``CacheDataset`` keeps the deterministic transforms' output.
+    ``transform`` (optional) is applied to the item dict last, on every read.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[dict],
+        image_size=256,
+        in_channels: int | None = 3,
+        cache: bool = False,
+        transform=None,
+        loader=None,
+    ):
+        self.loader = loader if loader is not None else LoadAnomalyImaged(image_size, in_channels)
+        self.samples = list(samples)
+        self.cache = bool(cache)
+        self.transform = transform
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.cache and index in self._cache:
+            item = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self._cache[index].items()}
+        else:
+            item = self.loader(self.samples[index])
+            if self.cache:
+                self._cache[index] = item
+                item = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
         return self.transform(item) if self.transform is not None else item
 
 
