@@ -162,3 +162,17 @@ def test_exact_2x_resize_is_the_antialiased_bilinear_resize(shape, channels_last
     torch.testing.assert_close(_halve(_halve(x, 2), 3), ref, rtol=0, atol=4e-5)
     assert _halves((512, 512), (256, 256)) and _halves((8, 6), (4, 3))
     assert not _halves((512, 510), (256, 256)) and not _halves((2, 2), (1, 1)) and not _halves((256, 256), (256, 256))
+
+
+def test_cpu_chunks_give_the_whole_batch_at_once(image_files, monkeypatch):
+    """On the CPU images are converted a few at a time (to stay in cache); any chunk size gives the same batch."""
+    from monai_multiad.data import preprocess
+
+    files = [p for p in image_files if p.name != "f_broken.png"]
+    arrays = [read_image_array(p) for p in files] + [np.random.default_rng(2).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+                                                       for _ in range(5)]  # one group of six 2x images
+    whole = DevicePreprocessor(SIZE, 3, "cpu")(arrays)
+    for chunk in (1, 2 * 128 * 128 * 3 * 4):  # one image at a time; two of the 2x ones at a time
+        monkeypatch.setattr(preprocess, "_CPU_CHUNK_BYTES", chunk)
+        torch.testing.assert_close(DevicePreprocessor(SIZE, 3, "cpu")(arrays), whole, rtol=0, atol=0)
+        torch.testing.assert_close(DevicePreprocessor(SIZE, 3, "cpu")(arrays[-5:]), whole[-5:], rtol=0, atol=0)
