@@ -185,12 +185,24 @@ def test_teacher_stays_frozen_in_train_mode():
         (torch.rand(1, 2, 64, 64), "channel"),
         (torch.rand(1, 3, 16, 64), "smaller than"),
         (torch.full((1, 3, 64, 64), float("nan")), "NaN"),
+        (torch.rand(1, 3, 64, 64).index_put_((torch.tensor(0), torch.tensor(1), torch.tensor(5), torch.tensor(7)),
+                                             torch.tensor(float("inf"))), "NaN or infinite"),
+        (torch.cat([torch.full((1, 1, 64, 64), float("inf")), torch.full((1, 2, 64, 64), -float("inf"))], 1),
+         "NaN or infinite"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(x, message):
     model = MultiAD("resnet18", pretrained=False, discriminator=False).eval()
     with pytest.raises(ValueError, match=message):
         model(x)
+
+
+def test_finite_input_whose_sum_overflows_is_accepted():
+    """The NaN/inf check sums the batch first; a finite batch whose float32 sum overflows is still valid."""
+    model = MultiAD("resnet18", pretrained=False, discriminator=False).eval()
+    x = torch.full((1, 3, 64, 64), 3e38)
+    assert not torch.isfinite(x.sum())
+    model.validate_input(x)  # no error
 
 
 def test_unknown_backbone_and_channels():
@@ -218,7 +230,8 @@ def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return GaussianFilter(spatial_dims=2, sigma=sigma, truncated=4.0, approx="erf")(x)
 
 
-@pytest.mark.parametrize("sigma,size", [(4.0, (64, 96)), (2.0, (41, 57)), (4.0, (20, 12)), (0.5, (9, 13))])
+@pytest.mark.parametrize("sigma,size", [(4.0, (64, 96)), (2.0, (41, 57)), (4.0, (20, 12)), (0.5, (9, 13)),
+                                        (4.0, (256, 256)), (4.0, (129, 300)), (8.0, (200, 140))])
 def test_gaussian_smoothing_is_monai_gaussian_filter_eager_traced_and_scripted(sigma, size):
     """Eager (banded matrix products), traced and scripted (conv2d) smoothing all equal
     MONAI's GaussianFilter, also where the 33-tap kernel is longer than the map; the traced one
@@ -235,6 +248,8 @@ def test_gaussian_smoothing_is_monai_gaussian_filter_eager_traced_and_scripted(s
     scripted = torch.jit.script(smooth)
     torch.testing.assert_close(scripted(x), _gaussian(x, sigma), rtol=1e-5, atol=1e-6)
     assert len(smooth._bands) <= 8
+    bands = smooth.band(size[0], x) @ x @ smooth.band(size[1], x).transpose(0, 1)  # the dense banded product
+    torch.testing.assert_close(smooth(x), bands, rtol=1e-5, atol=1e-6)  # = the block-by-block one
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0},
@@ -309,3 +324,58 @@ def test_on_device_places_the_networks_in_the_runs_memory_layout_with_the_same_m
         (ref_map, ref_score), (out_map, out_score) = reference(x), placed(x)
     torch.testing.assert_close(out_map, ref_map, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out_score, ref_score, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0},
+                                    {"stages": (2, 4)}, {"stages": (3,), "fusion_mode": "product"},
+                                    {"fuse": False, "stages": (1, 2)}, {"sigma": 2.0}])
+def test_eager_fusion_equals_the_stage_map_stack(kwargs):
+    """The eager inference path (``AnomalyMapFusion.fuse_features``: offset and scale on the small maps,
+    clipped and summed in place, no (B, K, H, W) stack) gives the map of the reference path
+    ``fuse_maps(stage_anomaly_maps(...))`` to float rounding: the issue-12 speed change moves no map.
+    With gradients on, the reference path itself runs."""
+    torch.manual_seed(0)
+    model = MultiAD("resnet18", pretrained=False, discriminator=False, **kwargs).eval()
+    # z-score statistics as fitted ones look: offsets near the stage means, small scales (ReLU clips some)
+    with torch.no_grad():
+        x = torch.rand(3, 3, 160, 224)
+        maps = model.stage_maps(x)
+        mean, std = maps.mean(dim=(0, 2, 3)), maps.std(dim=(0, 2, 3))
+    model.fusion.set_statistics(std, threshold=1.0, stage_offset=mean)
+    with torch.no_grad():
+        amap, score = model(x)
+        t, s = model.features(x)
+        reference = model.fusion.fuse_maps(model.stage_maps(x))
+    assert float((maps < mean.view(1, -1, 1, 1)).float().mean()) > 0.1  # the ReLU clips part of every map
+    peak = float(reference.abs().max())
+    torch.testing.assert_close(amap, reference, rtol=0, atol=1e-5 * peak)
+    torch.testing.assert_close(score, reference.flatten(1).amax(1), rtol=0, atol=1e-5 * peak)
+    graded = model.fusion.fuse_features(t, s, x.shape[-2:])  # grad mode on: the reference functions
+    torch.testing.assert_close(graded, reference, rtol=0, atol=1e-6 * peak)
+
+
+def test_eager_fusion_equals_the_stage_map_stack_lite0_channels_last():
+    """The same on the shipped network as a CPU run places it (Lite0, ImageNet teacher, channels-last).
+    Its random student makes stage 4's ``1 - cos`` nearly constant (std 8e-4 around 1.0), so the
+    z-score magnifies float32 rounding 1000-fold: both paths are then ~1e-5 of the peak from the
+    float64 map, and the eager one is no further from it than the stack (it subtracts the offset
+    before upsampling, where the values are exact)."""
+    from monai_multiad.config import RunConfig
+    from monai_multiad.networks.fusion import stage_anomaly_maps
+    from monai_multiad.run_folder import on_device
+
+    torch.manual_seed(0)
+    model = on_device(MultiAD("efficientnet_lite0", discriminator=False), RunConfig(), "cpu").eval()
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        maps = model.stage_maps(x)
+        model.fusion.set_statistics(maps.std(dim=(0, 2, 3)), threshold=1.0, stage_offset=maps.mean(dim=(0, 2, 3)))
+        amap, score = model(x)
+        reference = model.fusion.fuse_maps(maps)
+        t, s = model.features(x)
+        exact = model.fusion.fuse_maps(stage_anomaly_maps([f.double() for f in t], [f.double() for f in s], (256, 256)))
+    peak = float(exact.abs().max())
+    err_eager, err_stack = float((amap - exact).abs().max()), float((reference - exact).abs().max())
+    assert err_eager <= err_stack + 1e-6 * peak
+    torch.testing.assert_close(amap, reference, rtol=0, atol=3e-5 * peak)
+    torch.testing.assert_close(score, reference.flatten(1).amax(1), rtol=0, atol=3e-5 * peak)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from monai_multiad.config import RunConfig
@@ -57,6 +58,11 @@ def image_files(tmp_path_factory) -> list[Path]:
     (d / "f_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(d / "g_rgb8.jpg", quality=90)
     Image.fromarray((tex(96, 80, 3, 6) * 255).astype(np.uint8)).save(d / "h_rgb8.png")  # same shape as a_rgb8
+    # exactly twice the network's size: the written-out 2x antialiased resize (preprocess._halve)
+    Image.fromarray((tex(2 * SIZE, 2 * SIZE, 3, 7) * 255).astype(np.uint8)).save(d / "i_rgb8_2x.png")
+    Image.fromarray((tex(2 * SIZE, 2 * SIZE, 1, 8) * 65535).astype(np.uint16)).save(d / "j_gray16_2x.png")
+    f2 = tex(2 * SIZE, 2 * SIZE, 1, 9) * 1.2 - 0.1
+    tifffile.imwrite(d / "k_float_2x.tif", f2.astype(np.float32))
     return sorted(d.iterdir())
 
 
@@ -140,3 +146,33 @@ def test_unreadable_file_is_reported_not_raised(image_files, tmp_path):
     assert set(r) == {"path", "error"}
     with pytest.raises(MultiADInputError):
         read_image_array(only_broken[0])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 512, 512), (1, 3, 8, 6), (3, 1, 4, 100), (2, 3, 130, 62)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_exact_2x_resize_is_the_antialiased_bilinear_resize(shape, channels_last):
+    """``_halve`` on both axes equals ``F.interpolate(bilinear, antialias=True)`` to 2x down, on 0-255
+    values (2 ulp), whatever the layout; the preprocessor takes it exactly when the source is twice the size."""
+    from monai_multiad.data.preprocess import _halve, _halves
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, shape).astype(np.float32))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.interpolate(x, size=(shape[2] // 2, shape[3] // 2), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(_halve(_halve(x, 2), 3), ref, rtol=0, atol=4e-5)
+    assert _halves((512, 512), (256, 256)) and _halves((8, 6), (4, 3))
+    assert not _halves((512, 510), (256, 256)) and not _halves((2, 2), (1, 1)) and not _halves((256, 256), (256, 256))
+
+
+def test_cpu_chunks_give_the_whole_batch_at_once(image_files, monkeypatch):
+    """On the CPU images are converted a few at a time (to stay in cache); any chunk size gives the same batch."""
+    from monai_multiad.data import preprocess
+
+    files = [p for p in image_files if p.name != "f_broken.png"]
+    arrays = [read_image_array(p) for p in files] + [np.random.default_rng(2).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+                                                       for _ in range(5)]  # one group of six 2x images
+    whole = DevicePreprocessor(SIZE, 3, "cpu")(arrays)
+    for chunk in (1, 2 * 128 * 128 * 3 * 4):  # one image at a time; two of the 2x ones at a time
+        monkeypatch.setattr(preprocess, "_CPU_CHUNK_BYTES", chunk)
+        torch.testing.assert_close(DevicePreprocessor(SIZE, 3, "cpu")(arrays), whole, rtol=0, atol=0)
+        torch.testing.assert_close(DevicePreprocessor(SIZE, 3, "cpu")(arrays[-5:]), whole[-5:], rtol=0, atol=0)
