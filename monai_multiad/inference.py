@@ -96,7 +96,8 @@ def _pixel_note(dataset) -> str:
         return (f"skipped: none of the {anomalous} anomalous test images has a ground-truth mask "
                 "(labels only); image-level metrics only")
     if with_mask < anomalous:
-        return f"computed on the {with_mask} of {anomalous} anomalous test images that have a mask (and the normal images)"
+        return (f"computed on the {with_mask} of {anomalous} anomalous test images that have a mask "
+                "(and the normal images)")
     return "computed on every test image"
 
 

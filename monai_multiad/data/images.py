@@ -1,8 +1,9 @@
 """The 2D image dataset: samples loaded, resized to the network's size, and maps restored to the file's.
 
 :class:`AnomalyImageDataset` reads the sample dicts of :mod:`monai_multiad.data.layouts`, each
-through :class:`LoadAnomalyImaged` (decoding with :mod:`monai_multiad.data.decoding`, resizing); :func:`restore_size` brings anomaly maps back to the original
-image size; :func:`check_masks` refuses a mask paired with the wrong image before any work.
+through :class:`LoadAnomalyImaged` (decoding with :mod:`monai_multiad.data.decoding`, resizing);
+:func:`restore_size` brings anomaly maps back to the original image size; :func:`check_masks`
+refuses a mask paired with the wrong image before any work.
 
 The readers and layouts are importable from here too (as they were when this module held them).
 Every bad input raises :class:`~monai_multiad.errors.MultiADInputError` naming the file or folder.

@@ -42,8 +42,9 @@ def _halve(x: torch.Tensor, dim: int, contiguous: bool = False) -> torch.Tensor:
     (PyTorch's ``aa`` weights, ``support = 2``). The same numbers to float rounding (2 ulp at 0-255,
     ``tests/test_preprocess_device.py``), in a few strided adds instead of the generic antialiasing
     kernel: 1.3 against 2.1 ms for a 512 px RGB image on one thread, in its channels-last layout (no
-    reordering copy of the source bytes first). ``contiguous=True`` writes the result in the contiguous layout instead, in the
-    same pass: the normalisation that follows broadcasts (1, 3, 1, 1) constants, 4-5x slower over channels-last."""
+    reordering copy of the source bytes first). ``contiguous=True`` writes the result in the contiguous
+    layout instead, in the same pass: the normalisation that follows broadcasts (1, 3, 1, 1)
+    constants, 4-5x slower over channels-last."""
     m = x.shape[dim] // 2
     pairs = x.unflatten(dim, (m, 2))
     even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)  # x[2i], x[2i + 1]

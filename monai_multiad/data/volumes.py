@@ -28,10 +28,11 @@ Slices: each case goes through :func:`volume_preprocessing`, a MONAI ``Compose``
 dictionary transforms (the brain bundle's ``preprocessing``): loaded, normalised once
 (``cfg.modality``, ``cfg.ct_window``; see :func:`~monai_multiad.transforms.scale_intensity`), cut
 along ``cfg.slice_axis`` into canonical RAS slices resized to ``cfg.image_size`` by a
-:class:`~monai_multiad.transforms.VolumeToSlicesd`, whose array form screening cuts a scan with. **Foreground rule** (that transform's, written in
-:mod:`monai_multiad.transforms.volume`): a slice is kept when at least 1 % of its voxels exceed 5 %
-of the normalised volume's range. Train/validation slices are the kept slices whose label slice is
-empty; test slices are the kept slices plus every slice with label voxels (an anomaly is never dropped). Slices are held in
+:class:`~monai_multiad.transforms.VolumeToSlicesd`, whose array form screening cuts a scan with.
+**Foreground rule** (that transform's, written in :mod:`monai_multiad.transforms.volume`): a slice
+is kept when at least 1 % of its voxels exceed 5 % of the normalised volume's range.
+Train/validation slices are the kept slices whose label slice is empty; test slices are the kept
+slices plus every slice with label voxels (an anomaly is never dropped). Slices are held in
 memory as uint8 (one channel; repeated to ``in_channels`` when read), masks only where non-empty.
 """
 
@@ -239,11 +240,11 @@ def volume_datalist(cases: Sequence[VolumeCase]) -> list[dict]:
 
 def volume_preprocessing(modality: str = "mri", ct_window=None, slice_axis: str = "axial", image_size: int = 256,
                          labelled: str = "drop") -> Compose:
-    """One case's preprocessing as MONAI dictionary transforms, what the bundles' ``train.json`` shows as
+    """One case's preprocessing as MONAI dictionary transforms, what the brain bundle's ``train.json`` shows as
     ``preprocessing``: load the image and its label (:class:`~monai_multiad.transforms.LoadVolumed`),
     scale the image by modality (:class:`~monai_multiad.transforms.ScaleIntensityByModalityd`), and cut
     both into canonical slices of ``image_size`` by the foreground rule
-    (:class:`~monai_multiad.transforms.VolumeToSlicesd`, the transform screening cuts a scan with),
+    (:class:`~monai_multiad.transforms.VolumeToSlicesd`, whose array form screening cuts a scan with),
     leaving out (``labelled="drop"``: training and validation) or adding (``"add"``: testing) the
     slices with label voxels. A datalist entry (:func:`volume_datalist`) becomes a list of slice dicts.
     """
