@@ -68,7 +68,7 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- evaluation, step by step
 def evaluation_config(cfg: RunConfig, dataset_dir: str | Path | None = None, batch_size: int | None = None,
-                layout: str | None = None) -> RunConfig:
+                      layout: str | None = None) -> RunConfig:
     """The run's configuration with the test data set's folder, batch size and layout where given."""
     overrides = {"dataset_dir": str(dataset_dir) if dataset_dir else None, "batch_size": batch_size, "layout": layout}
     return RunConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v}})

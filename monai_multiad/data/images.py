@@ -181,13 +181,12 @@ class AnomalyImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        if self.cache and index in self._cache:
-            item = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self._cache[index].items()}
-        else:
+        if not self.cache:
             item = self.loader(self.samples[index])
-            if self.cache:
-                self._cache[index] = item
-                item = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+        else:
+            if index not in self._cache:
+                self._cache[index] = self.loader(self.samples[index])
+            item = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self._cache[index].items()}
         return self.transform(item) if self.transform is not None else item
 
 

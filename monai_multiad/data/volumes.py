@@ -52,7 +52,7 @@ from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from monai_multiad.errors import find_input_error, input_error
-from monai_multiad.transforms.intensity import parse_window
+from monai_multiad.transforms.intensity import intensity_kwargs, parse_window  # noqa: F401 - importable from here
 from monai_multiad.transforms.volume import FG_THRESHOLD, MIN_FOREGROUND, _recorded, load_volume
 from monai_multiad.transforms.volume_dict import LoadVolumed, ScaleIntensityByModalityd, VolumeToSlicesd
 
@@ -225,12 +225,6 @@ def dataset_splits(cfg) -> dict[str, list[VolumeCase]]:
 
 
 # ----------------------------------------------------------------------------- preprocessing
-def intensity_kwargs(modality: str, window=None) -> dict:
-    """Keyword arguments of :func:`scale_intensity` for a modality and a CT window (name or level,width)."""
-    win, preset = parse_window(window) if str(modality).lower() == "ct" else (None, None)
-    return {"mode": str(modality).lower(), "window": win, "preset": preset}
-
-
 def volume_datalist(cases: Sequence[VolumeCase]) -> list[dict]:
     """Cases as MONAI datalist entries: ``{"image": path, "name": case}``, plus ``"mask": path`` when the
     case has a label volume (the keys :func:`volume_preprocessing` reads)."""

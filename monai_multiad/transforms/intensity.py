@@ -12,7 +12,7 @@ from monai.utils import convert_to_tensor
 
 from monai_multiad.errors import input_error
 
-__all__ = ["CT_WINDOWS", "ScaleIntensityByModality", "parse_window", "scale_intensity"]
+__all__ = ["CT_WINDOWS", "ScaleIntensityByModality", "intensity_kwargs", "parse_window", "scale_intensity"]
 
 # CT display windows as (level, width) in Hounsfield units; the window maps
 # [level - width / 2, level + width / 2] linearly onto [0, 1]. Values are the standard ones
@@ -47,6 +47,13 @@ def parse_window(window) -> tuple[tuple[float, float] | None, str | None]:
         return (level, width), None
     level, width = window
     return (float(level), float(width)), None
+
+
+def intensity_kwargs(modality: str, window=None) -> dict:
+    """Keyword arguments of :func:`scale_intensity` for a modality and a CT window (a preset name,
+    ``"level,width"``, ``(level, width)`` or empty; read for ``"ct"`` only)."""
+    win, preset = parse_window(window) if str(modality).lower() == "ct" else (None, None)
+    return {"mode": str(modality).lower(), "window": win, "preset": preset}
 
 
 def _as_meta(img: Any) -> MetaTensor:
@@ -124,11 +131,8 @@ class ScaleIntensityByModality(Transform):
 
     def __init__(self, mode: str = "mri", lower: float = 0.5, upper: float = 99.5,
                  window: Sequence[float] | str | None = None, preset: str | None = None) -> None:
-        if str(mode).lower() != "ct":
-            window = None
-        elif isinstance(window, str) or window is None:
-            window, named = parse_window(window)
-            preset = preset if named is None else named
+        settled = intensity_kwargs(mode, window)
+        window, preset = settled["window"], settled["preset"] or preset
         self.mode, self.lower, self.upper, self.window, self.preset = mode, lower, upper, window, preset
         scale_intensity(torch.zeros(1, 2, 2, 2), mode, lower, upper, window, preset)  # validate options now
 
