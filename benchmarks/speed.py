@@ -4,7 +4,9 @@ Per backbone, batch size and device, at ``--image-size`` (256) px:
 
 * ``pipeline``: uint8 H x W x C numpy images -> float [0, 1] tensor on the device, resized with
   antialiasing -> ``MultiAD`` eval forward (stage maps -> fused map -> score) -> numpy on the CPU;
-* ``bare``: ``model.teacher(xn)`` + ``model.student(xn)`` on an already normalised on-device batch;
+* ``bare``: ``model.teacher(xn)`` + ``model.student(xn)`` on an already normalised on-device batch,
+  the networks as inference loads them (BatchNorm folded into the convolutions, ``load_model(...,
+  fold_batchnorm=True)``); ``bare unfolded``: the same networks as trained, for the folding's speed-up;
 * ``overhead``: pipeline time / bare time (what the pipeline adds to the networks' own compute);
 * ``train``: one ``MultiADTrainer`` iteration (distillation + adversarial loss, two optimizer steps);
 * memory: CUDA ``max_memory_allocated``; CPU: peak RSS (``/proc/self/statm`` sampled every 2 ms)
@@ -16,7 +18,9 @@ Per backbone, batch size and device, at ``--image-size`` (256) px:
   value (DataLoader processes reading the next scans and a writer thread; 0: all in turn), against the
   bare networks on all the slices it screened: the issue's "end to end <= 1.5x the model compute".
 
-Timings: ``--warmup`` untimed runs, then the median of ``--repeats`` (CUDA synchronised).
+Timings: ``--warmup`` untimed runs, then the median of ``--repeats`` (CUDA synchronised). What is
+compared in a ratio (pipeline and bare networks; Multi-AD and STFPM) is timed interleaved, call by
+call, so that a change of load or clock during the run weighs on both alike.
 Efficientnet-Lite0 uses its real ImageNet weights (offline); the others random weights: speed
 does not depend on the weights' values. Usage: ``python benchmarks/speed.py --help``.
 """
@@ -48,6 +52,23 @@ WEIGHTS_NOTE = "efficientnet_lite0: real ImageNet weights; others: random weight
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_together(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median seconds of each of ``fns`` ({name: callable}), the calls alternated round by round
+    (``warmup`` untimed rounds, then ``repeats`` timed ones)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict = {name: [] for name in fns}
+    for _ in range(max(repeats, 1)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
@@ -118,13 +139,16 @@ def preprocessor(size: int, device: torch.device):
     return DevicePreprocessor(size, 3, device)
 
 
-def build_model(backbone: str, device: torch.device):
-    """The network as a run places it (``RunConfig.memory_format``: channels-last on the CPU by default)."""
+def build_model(backbone: str, device: torch.device, fold: bool = False):
+    """The network as a run places it (``RunConfig.memory_format``: channels-last on the CPU by default);
+    ``fold=True``: as inference loads it, BatchNorm folded (``run_folder.load_model``'s order)."""
     from monai_multiad.config import RunConfig
     from monai_multiad.networks import MultiAD
     from monai_multiad.run_folder import on_device
 
     model = MultiAD(backbone, in_channels=3, pretrained=backbone == "efficientnet_lite0")
+    if fold:
+        model.fold_batchnorm_()
     return on_device(model, RunConfig(backbone=backbone), device).eval()
 
 
@@ -163,7 +187,9 @@ def bench_images(job: dict) -> dict:
     device, b, size = torch.device(job["device"]), job["batch_size"], job["image_size"]
     amp = bool(job["amp"]) and device.type == "cuda"
     torch.manual_seed(0)
-    model = build_model(job["backbone"], device)
+    model = build_model(job["backbone"], device)  # as trained: the training step and the unfolded networks
+    torch.manual_seed(0)
+    infer = build_model(job["backbone"], device, fold=True)  # as predict and screen load it
     rng = np.random.default_rng(0)
     src = job["source_size"]
     images = [rng.integers(0, 256, (src, src, 3), dtype=np.uint8) for _ in range(b)]
@@ -172,20 +198,23 @@ def bench_images(job: dict) -> dict:
     @torch.no_grad()
     def pipeline():
         with torch.autocast(device.type, enabled=amp):
-            amap, score = model(prep(images))
+            amap, score = infer(prep(images))
         return amap.float().cpu().numpy(), score.float().cpu().numpy()
 
-    xn = model.normalize(prep(images))
+    xn = infer.normalize(prep(images))
 
-    @torch.no_grad()
-    def bare():
-        with torch.autocast(device.type, enabled=amp):
-            return model.teacher(xn), model.student(xn)
+    def networks(net):
+        @torch.no_grad()
+        def bare():
+            with torch.autocast(device.type, enabled=amp):
+                return net.teacher(xn), net.student(xn)
+        return bare
 
     with PeakMemory(device) as mem_inf:
         pipeline()
-    t_pipe = timed(pipeline, device, job["warmup"], job["repeats"])
-    t_bare = timed(bare, device, job["warmup"], job["repeats"])
+    t = timed_together({"pipeline": pipeline, "bare": networks(infer), "unfolded": networks(model)}, device,
+                       job["warmup"], job["repeats"])
+    t_pipe, t_bare = t["pipeline"], t["bare"]
 
     x = torch.rand(b, 3, size, size)
     opt = torch.optim.Adam(model.student.parameters(), lr=1e-3, weight_decay=1e-5)
@@ -199,6 +228,7 @@ def bench_images(job: dict) -> dict:
         "pipeline_ms": 1000 * t_pipe, "pipeline_images_per_s": b / t_pipe,
         "bare_ms": 1000 * t_bare, "bare_images_per_s": b / t_bare,
         "overhead_ratio": t_pipe / t_bare,
+        "bare_unfolded_ms": 1000 * t["unfolded"], "folding_speedup": t["unfolded"] / t_bare,
         "train_ms_per_step": 1000 * t_train, "train_images_per_s": b / t_train,
         "inference_peak_mb": mem_inf.peak_mb, "train_peak_mb": mem_train.peak_mb,
     }
@@ -227,7 +257,7 @@ def bench_volume(job: dict) -> dict:
     from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
 
     device, size, n = torch.device(job["device"]), job["image_size"], job["volume_slices"]
-    model = build_model(job["backbone"], device)
+    model = build_model(job["backbone"], device, fold=True)
     work = Path(tempfile.mkdtemp(prefix="multiad_speed_"))
     image, _ = make_phantom_volume((size, size, n), lesion=True, seed=0)
     path = write_nifti(work / "phantom.nii.gz", np.round(image).astype(np.int16))
@@ -263,7 +293,7 @@ def bench_cohort(job: dict) -> dict:
     from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
 
     device, size = torch.device(job["device"]), job["image_size"]
-    model = build_model(job["backbone"], device)
+    model = build_model(job["backbone"], device, fold=True)
     work = Path(tempfile.mkdtemp(prefix="multiad_cohort_"))
     try:
         paths = []
@@ -422,7 +452,9 @@ def bench_peer(job: dict) -> dict:
     device, b, size = torch.device(job["device"]), job["batch_size"], job["image_size"]
     amp = bool(job["amp"]) and device.type == "cuda"
     torch.manual_seed(0)
-    ours = build_model("efficientnet_lite0", device)
+    ours = build_model("efficientnet_lite0", device, fold=True)  # as predict and screen load it
+    torch.manual_seed(0)
+    unfolded = build_model("efficientnet_lite0", device)
     peer, layers = peer_model(size)
     peer = peer.to(device).eval()
     x = torch.rand(b, 3, size, size, device=device)
@@ -434,13 +466,15 @@ def bench_peer(job: dict) -> dict:
                 return model(x)
         return fn
 
-    t_ours = timed(run(ours), device, job["warmup"], job["repeats"])
-    t_peer = timed(run(peer), device, job["warmup"], job["repeats"])
+    t = timed_together({"ours": run(ours), "peer": run(peer), "unfolded": run(unfolded)}, device,
+                       job["warmup"], job["repeats"])
+    t_ours, t_peer = t["ours"], t["peer"]
     import anomalib
 
     return {"device": job["device"], "batch_size": b, "image_size": size, "amp": amp, "status": "ok",
             "anomalib": anomalib.__version__, "stfpm_layers": layers, "ours_ms": 1000 * t_ours,
-            "stfpm_ms": 1000 * t_peer, "ratio": t_ours / t_peer}
+            "stfpm_ms": 1000 * t_peer, "ratio": t_ours / t_peer, "ours_unfolded_ms": 1000 * t["unfolded"],
+            "ratio_unfolded": t["unfolded"] / t_peer}
 
 
 def run_job(job: dict) -> dict:
@@ -493,14 +527,17 @@ def markdown(report: dict) -> str:
              f"CUDA: {m['cuda_device'] or 'none'}; {sizes}median of {m['repeats']} after {m['warmup']} warm-up; "
              f"{m['weights']}; load average (1, 5, 15 min) {load[0]} at start, {load[1]} at end.", ""]
     if report["results"]:
-        lines += ["| backbone | device | batch | pipeline img/s | bare img/s | pipeline / bare | train img/s "
-                  "| inference peak MiB | train peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| backbone | device | batch | pipeline img/s | bare img/s | pipeline / bare | bare unfolded img/s "
+                  "| folding speed-up | train img/s | inference peak MiB | train peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["results"]:
             if "pipeline_ms" not in r:
-                lines.append(f"| {r['backbone']} | {r['device']} | {r['batch_size']} | {r.get('status')} |" + " |" * 5)
+                lines.append(f"| {r['backbone']} | {r['device']} | {r['batch_size']} | {r.get('status')} |" + " |" * 7)
                 continue
             lines.append(f"| {r['backbone']} | {r['device']} | {r['batch_size']} | {r['pipeline_images_per_s']:.2f} | "
-                         f"{r['bare_images_per_s']:.2f} | {r['overhead_ratio']:.3f} | {r['train_images_per_s']:.2f} | "
+                         f"{r['bare_images_per_s']:.2f} | {r['overhead_ratio']:.3f} | "
+                         f"{r['batch_size'] / r['bare_unfolded_ms'] * 1000:.2f} | {r['folding_speedup']:.3f} | "
+                         f"{r['train_images_per_s']:.2f} | "
                          f"{r['inference_peak_mb']:.0f} | {r['train_peak_mb']:.0f} |")
         lines += ["", "Memory: " + "; ".join(f"{d}: {v}" for d, v in m["memory"].items()), ""]
     if report["volume"]:
@@ -541,13 +578,15 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("peer"):
         lines += ["| peer: anomalib STFPM vs Multi-AD (Lite0, eval forward) | device | batch | px | Multi-AD ms "
-                  "| STFPM ms | Multi-AD / STFPM |", "|---|---|---|---|---|---|---|"]
+                  "| STFPM ms | Multi-AD / STFPM | Multi-AD unfolded ms | unfolded / STFPM |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in report["peer"]:
             if r.get("status") != "ok":
-                lines.append(f"| {r.get('status')} | {r['device']} | {r['batch_size']} | | | | |")
+                lines.append(f"| {r.get('status')} | {r['device']} | {r['batch_size']} | | | | | | |")
                 continue
             lines.append(f"| anomalib {r['anomalib']} | {r['device']} | {r['batch_size']} | {r['image_size']} | "
-                         f"{r['ours_ms']:.1f} | {r['stfpm_ms']:.1f} | {r['ratio']:.3f} |")
+                         f"{r['ours_ms']:.1f} | {r['stfpm_ms']:.1f} | {r['ratio']:.3f} | "
+                         f"{r['ours_unfolded_ms']:.1f} | {r['ratio_unfolded']:.3f} |")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 

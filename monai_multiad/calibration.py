@@ -306,7 +306,7 @@ def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, 
         from monai_multiad.run_folder import load_model, resolve_device
 
         dev = resolve_device(device)
-        network, cfg, _ = load_model(run_dir, dev)
+        network, cfg, _ = load_model(run_dir, dev, fold_batchnorm=True)
         scores = []
         for r in score_images(network, cfg, found, dev, images=False):
             if "error" in r:

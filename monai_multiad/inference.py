@@ -193,7 +193,7 @@ def evaluate(
     :func:`run_evaluation`, :func:`write_evaluation`): keep the two in step.
     """
     dev = resolve_device(device)
-    model = load_model(run_dir, dev)
+    model = load_model(run_dir, dev, fold_batchnorm=True)
     cfg = evaluation_config(model[1], dataset_dir, batch_size, layout)
     dataset = evaluation_dataset(cfg)
     key, extra = anomaly_metrics(pixel=mask_coverage(dataset)[0] > 0)
@@ -365,7 +365,7 @@ def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, 
     the run's calibrated one (``calibration.json``) when there is one, else the fusion's fitted at
     training. An unreadable image is recorded with its error and the others go on."""
     dev = resolve_device(device)
-    network, cfg, fusion = load_model(run_dir, dev)
+    network, cfg, fusion = load_model(run_dir, dev, fold_batchnorm=True)
     chosen = _image_threshold(run_dir, cfg, fusion)
     threshold = chosen.value
     out_dir = Path(out_dir).absolute()  # predictions.json names files that are found from anywhere

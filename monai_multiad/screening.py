@@ -111,7 +111,7 @@ def _load_run(model_or_run: Any, device=None) -> _Run:
         thr = float(thr) if thr is not None and bool(torch.isfinite(torch.as_tensor(thr))) else None
         return _Run(model.to(dev).eval(), dev, threshold=thr)
     dev = resolve_device(device or "auto")
-    model, cfg, fusion = load_model(model_or_run, dev)
+    model, cfg, fusion = load_model(model_or_run, dev, fold_batchnorm=True)
     thr = fusion.get("threshold")
     from monai_multiad.calibration import load_calibration
 

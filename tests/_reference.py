@@ -80,7 +80,7 @@ def recompute_evaluation(run_dir: str | Path, dataset_dir: str | Path | None = N
 
     from monai_multiad.workflow import build_datasets, load_model
 
-    model, cfg, _ = load_model(run_dir)
+    model, cfg, _ = load_model(run_dir, fold_batchnorm=True)  # as multiad evaluate loads it
     if dataset_dir is not None:
         cfg = dataclasses.replace(cfg, dataset_dir=str(dataset_dir))
     ds = build_datasets(cfg, "test")

@@ -31,9 +31,11 @@ def test_speed_smoke(tmp_path):
     assert report["meta"]["image_size"] == 64
     (row,) = report["results"]
     assert {"pipeline_images_per_s", "bare_images_per_s", "overhead_ratio", "train_images_per_s",
-            "inference_peak_mb", "train_peak_mb"} <= set(row), row
+            "inference_peak_mb", "train_peak_mb", "bare_unfolded_ms", "folding_speedup"} <= set(row), row
     assert row["backbone"] == "resnet18" and row["batch_size"] == 1 and row["device"] == "cpu"
     assert row["pipeline_images_per_s"] > 0 and row["overhead_ratio"] > 0
+    assert row["folding_speedup"] == pytest.approx(row["bare_unfolded_ms"] / row["bare_ms"])
+    assert "| folding speed-up |" in md.read_text()
     (volume,) = report["volume"]
     assert volume["status"] == "ok" or volume["status"].startswith("skipped"), volume
     assert "| resnet18 | cpu | 1 |" in md.read_text()

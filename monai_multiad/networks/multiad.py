@@ -13,6 +13,7 @@ from torch import nn
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.networks.backbones import build_feature_extractor
 from monai_multiad.networks.discriminator import FeatureDiscriminator
+from monai_multiad.networks.folding import fold_batchnorm
 from monai_multiad.networks.foreground import ForegroundMask
 from monai_multiad.networks.fusion import AnomalyMapFusion, stage_anomaly_maps
 
@@ -85,6 +86,7 @@ class MultiAD(nn.Module):
         self.backbone = backbone
         self.in_channels = in_channels
         self.check_inputs = check_inputs
+        self.batchnorm_folded = False
         self.teacher = build_feature_extractor(backbone, "teacher", pretrained=pretrained, se=student_se)
         self.student = build_feature_extractor(backbone, "student", se=student_se)
         self.teacher.requires_grad_(False)
@@ -104,8 +106,23 @@ class MultiAD(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> MultiAD:
+        if mode and self.batchnorm_folded:
+            raise RuntimeError("this MultiAD's BatchNorm layers were folded for inference (fold_batchnorm_): "
+                               "it cannot be trained; load the model again without folding to train it")
         super().train(mode)
         self.teacher.eval()
+        return self
+
+    def fold_batchnorm_(self) -> MultiAD:
+        """Fold the teacher's and the student's BatchNorm layers into their convolutions, in place, for
+        inference: the same maps and scores to float rounding, faster (:mod:`~monai_multiad.networks.folding`).
+        Afterwards the network stays in eval mode (``train()`` raises) and its ``state_dict`` no longer
+        has the BatchNorm entries, so it is not saved (``run_folder.save_model`` refuses it)."""
+        if not self.batchnorm_folded:
+            self.eval()
+            self.teacher = fold_batchnorm(self.teacher).requires_grad_(False)
+            self.student = fold_batchnorm(self.student)
+            self.batchnorm_folded = True
         return self
 
     def validate_input(self, x: torch.Tensor) -> None:

@@ -1,0 +1,52 @@
+"""BatchNorm folded into the convolution before it: the same network for inference, one pass fewer per layer.
+
+In eval mode a BatchNorm is an affine map per channel with fixed numbers (its running mean and
+variance, its weight and bias), so a convolution followed by it equals one convolution with
+rescaled weights and a bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``). Folding saves a full
+read and write of every such layer's output: EfficientNet-Lite0's teacher and student run about
+17 % faster on one CPU thread at 256 px (``docs/results.md``, Speed), and the outputs move only by
+float rounding (about 1e-6 of the feature scale).
+
+The pairs are found by tracing the module with ``torch.fx`` (``torch.fx.experimental.optimization.fuse``,
+which folds a convolution into the BatchNorm that alone reads its output). A module that cannot
+be traced is returned unchanged: folding is a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+__all__ = ["fold_batchnorm", "count_batchnorm"]
+
+logger = logging.getLogger(__name__)
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def count_batchnorm(module: nn.Module) -> int:
+    """How many BatchNorm layers ``module`` holds."""
+    return sum(isinstance(m, _BATCHNORMS) for m in module.modules())
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` with each BatchNorm that follows a convolution (or linear layer)
+    folded into it; ``module`` itself is left as it was. The copy is for inference only: it has
+    no BatchNorm statistics left to train. Returns an unchanged copy when ``module`` has no
+    BatchNorm or cannot be traced (logged at debug level)."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    if count_batchnorm(module) == 0:
+        return copy.deepcopy(module).eval()
+    was_training = module.training
+    module.eval()  # fuse_conv_bn_eval refuses layers in training mode
+    try:
+        return fuse(module).eval()
+    except Exception as e:  # an untraceable forward (data-dependent control flow): run it unfolded
+        logger.debug("BatchNorm not folded in %s: %s: %s", type(module).__name__, type(e).__name__, e)
+        return copy.deepcopy(module).eval()
+    finally:
+        module.train(was_training)
