@@ -328,7 +328,8 @@ def test_on_device_places_the_networks_in_the_runs_memory_layout_with_the_same_m
 
 @pytest.mark.parametrize("kwargs", [{}, {"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0},
                                     {"stages": (2, 4)}, {"stages": (3,), "fusion_mode": "product"},
-                                    {"fuse": False, "stages": (1, 2)}, {"sigma": 2.0}])
+                                    {"fuse": False, "stages": (1, 2)}, {"sigma": 2.0}, {"stages": (1, 2, 4)},
+                                    {"stages": (1, 3, 4), "sigma": 0}])
 def test_eager_fusion_equals_the_stage_map_stack(kwargs):
     """The eager inference path (``AnomalyMapFusion.fuse_features``: offset and scale on the small maps,
     clipped and summed in place, no (B, K, H, W) stack) gives the map of the reference path
@@ -352,6 +353,33 @@ def test_eager_fusion_equals_the_stage_map_stack(kwargs):
     torch.testing.assert_close(score, reference.flatten(1).amax(1), rtol=0, atol=1e-5 * peak)
     graded = model.fusion.fuse_features(t, s, x.shape[-2:])  # grad mode on: the reference functions
     torch.testing.assert_close(graded, reference, rtol=0, atol=1e-6 * peak)
+
+
+@pytest.mark.parametrize("shape,size", [((1, 1, 64, 64), (256, 256)), ((1, 1, 32, 32), (256, 256)),
+                                        ((3, 1, 16, 16), (256, 256)), ((2, 1, 8, 8), (256, 256)),
+                                        ((2, 1, 40, 56), (160, 224)), ((1, 2, 5, 7), (160, 224)),
+                                        ((1, 1, 4, 6), (8, 18)), ((1, 1, 1, 1), (4, 4))])
+def test_eager_upsampling_is_bilinear_interpolation(shape, size):
+    """The fusion's CPU upsampling of the stage maps (integer scales, even along H: a product along W,
+    one broadcast step along H) equals ``F.interpolate(bilinear, align_corners=False)`` to float
+    rounding, in float32 (~1 ulp of the peak) and float64, at every Lite0 stage size and others."""
+    from monai_multiad.networks.fusion import AnomalyMapFusion
+
+    torch.manual_seed(0)
+    fusion = AnomalyMapFusion(4)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-14)):
+        z = torch.randn(shape, dtype=dtype) * 3
+        ref = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+        out = fusion._upsample(z, size)
+        assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+        peak = float(ref.abs().max())
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol * peak)
+        assert (out.dtype, tuple(size)) in {(k[5], k[2:4]) for k in fusion._upsampling}  # it took the new path
+    for z, odd in ((torch.randn(2, 1, 8, 8), (24, 24)), (torch.randn(1, 1, 8, 8), (20, 32)),
+                   (torch.randn(1, 1, 7, 9), (16, 32)), (torch.randn(1, 1, 8, 8), (8, 16))):
+        fusion._upsampling.clear()  # odd scales along H, W not a multiple, scale 1: F.interpolate itself
+        ref = F.interpolate(z, size=odd, mode="bilinear", align_corners=False)
+        assert torch.equal(fusion._upsample(z, odd), ref) and not fusion._upsampling
 
 
 def test_eager_smoothing_equals_the_conv_path_for_batches_and_channels():
