@@ -383,8 +383,9 @@ def test_eager_upsampling_is_bilinear_interpolation(shape, size):
 
 
 def test_eager_smoothing_equals_the_conv_path_for_batches_and_channels():
-    """The CPU Gaussian (banded products image by image, written block by block into the result) on a
-    (B, C, H, W) batch equals the two ``conv2d`` calls of the traced path, for several sizes and blocks."""
+    """The CPU Gaussian (image by image, each axis one batched product of the Toeplitz taps with
+    overlapping windows of the padded map) on a (B, C, H, W) batch equals the two ``conv2d`` calls of
+    the traced path, for several sizes (multiples of the block or not), strided views and blocks."""
     from monai_multiad.networks.fusion import GaussianSmoothing
 
     torch.manual_seed(0)
