@@ -401,6 +401,12 @@ def test_eager_smoothing_equals_the_conv_path_for_batches_and_channels():
         smooth.block = block
         for view in (x, x[:, :, ::2], x[1:, :1, :, 3:150]):  # strided views too
             torch.testing.assert_close(smooth(view), conv(view), rtol=1e-5, atol=1e-6)
+    smooth.block = 16  # dividing H: the path that writes the result with out=
+    x = torch.rand(2, 1, 64, 48, requires_grad=True)  # with gradients (the reference fusion path in grad mode)
+    weights = torch.rand(2, 1, 64, 48)
+    (grad,) = torch.autograd.grad((smooth(x) * weights).sum(), x)
+    (expected,) = torch.autograd.grad((conv(x) * weights).sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_eager_fusion_equals_the_stage_map_stack_lite0_channels_last():

@@ -108,7 +108,7 @@ class GaussianSmoothing(nn.Module):
         images, results = x.reshape(-1, h, w), out.view(-1, h, w)
         for i in range(images.shape[0]):
             across_t = self._along_last(images[i], taps)[:w]  # (w, h): x B_W^T, transposed
-            if h % self.block == 0:
+            if h % self.block == 0 and not (x.requires_grad and torch.is_grad_enabled()):  # out=: no autograd
                 self._along_last(across_t, taps, out=results[i])
             else:
                 results[i].copy_(self._along_last(across_t, taps)[:h])
