@@ -186,6 +186,29 @@ def test_exact_2x_resize_as_plain_sums_is_the_antialiased_bilinear_resize(shape,
     assert torch.equal((y / 64)[interior].double(), exact[interior])  # integer sums: the interior is exact
 
 
+@pytest.mark.parametrize("channels", [1, 3, None])
+def test_cpu_batch_of_interleaved_shapes_equals_image_by_image(channels):
+    """On the CPU each chunk is converted from its own arrays and, for an exact 2x resize, written into its rows
+    of the batch: with shapes and dtypes interleaved (groups whose images are not consecutive), chunks of
+    one or several images, every row is the image converted alone."""
+    from monai_multiad.data import preprocess
+
+    rng = np.random.default_rng(3)
+    c = 3 if channels is None else channels
+    arrays = [rng.integers(0, 256, (64, 64, c), dtype=np.uint8), rng.integers(0, 256, (40, 48, c), dtype=np.uint8),
+              rng.integers(0, 256, (64, 64, c), dtype=np.uint8), rng.integers(0, 65536, (64, 64, c), dtype=np.uint16),
+              rng.integers(0, 256, (64, 64, c), dtype=np.uint8), rng.integers(0, 256, (64, 64, c), dtype=np.uint8)]
+    prep = DevicePreprocessor(32, channels, "cpu")
+    alone = torch.cat([prep([a]) for a in arrays])
+    for chunk in (preprocess._CPU_CHUNK_BYTES, 1, 2 * 64 * 64 * c * 4):
+        preprocess._CPU_CHUNK_BYTES, saved = chunk, preprocess._CPU_CHUNK_BYTES
+        try:
+            torch.testing.assert_close(prep(arrays), alone, rtol=0, atol=0)
+            torch.testing.assert_close(prep(arrays[4:]), alone[4:], rtol=0, atol=0)  # consecutive: written in place
+        finally:
+            preprocess._CPU_CHUNK_BYTES = saved
+
+
 def test_cpu_chunks_give_the_whole_batch_at_once(image_files, monkeypatch):
     """On the CPU images are converted a few at a time (to stay in cache); any chunk size gives the same batch."""
     from monai_multiad.data import preprocess
