@@ -382,6 +382,22 @@ def test_eager_upsampling_is_bilinear_interpolation(shape, size):
         assert torch.equal(fusion._upsample(z, odd), ref) and not fusion._upsampling
 
 
+@pytest.mark.parametrize("shape", [(1, 24, 64, 64), (3, 40, 32, 32), (2, 320, 8, 8), (2, 5, 7, 9), (1, 1, 4, 4)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_eager_cosine_is_torch_cosine_similarity_bit_for_bit(shape, channels_last):
+    """The eager fusion's ``1 - cos`` (``F.cosine_similarity``'s steps with the product in place) gives its
+    numbers bit for bit, in both layouts, also with zero vectors (the eps clamp): should a torch release
+    compute the cosine otherwise, this says so before the fused maps move."""
+    from monai_multiad.networks.fusion import _cosine_in_place
+
+    torch.manual_seed(0)
+    a, b = torch.randn(shape), torch.randn(shape) + 0.5
+    a[..., 0, 0] = 0.0
+    if channels_last:
+        a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_cosine_in_place(a, b), F.cosine_similarity(a, b, dim=1, eps=1e-6))
+
+
 def test_eager_smoothing_equals_the_conv_path_for_batches_and_channels():
     """The CPU Gaussian (image by image, each axis one batched product of the Toeplitz taps with
     overlapping windows of the padded map) on a (B, C, H, W) batch equals the two ``conv2d`` calls of
