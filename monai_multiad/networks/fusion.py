@@ -306,7 +306,7 @@ class AnomalyMapFusion(nn.Module):
             total = z if total is None else total.add_(z)
         if self.fuse and self.mode == "product":
             total = total.div_(len(used)).exp_()
-        # the checks above hold for the smoothing too (torch.onnx.is_in_onnx_export alone costs ~6 us)
+        # the checks above hold for the smoothing too: no second round of them, nor the module call
         return self.smooth.eager(total) if isinstance(self.smooth, GaussianSmoothing) else self.smooth(total)
 
     def score(self, fused: torch.Tensor) -> torch.Tensor:
