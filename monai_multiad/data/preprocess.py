@@ -64,7 +64,7 @@ def _halve(x: torch.Tensor, dim: int, contiguous: bool = False) -> torch.Tensor:
 def _halve_sums(x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """8 x :func:`_halve` along ``dim`` in three full passes of plain adds: ``t = x[2i] + x[2i+1]`` (into
     ``out`` when given: the layout of the result), ``c = x[2i-1] + x[2i+2]``, ``y = c + 3 t``; the ends,
-    ``3 t + x[1]`` and ``3 t + x[2m-2]``, times 8/7. On integer values (bytes) every interior sum is exact,
+    ``3 t[0] + x[2]`` and ``3 t[m-1] + x[2m-3]``, times 8/7. On integer values (bytes) every interior sum is exact,
     so a single division by 64 x the dtype's maximum after both axes gives :func:`_halve`'s numbers to
     float rounding (2 ulp). It skips ``_halve``'s scaling pass and one of its two strided passes per axis
     (the second add runs on the contiguous result): a 512 px uint8 RGB image, both axes and the scaling,
@@ -77,7 +77,7 @@ def _halve_sums(x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> t
         inner = y.narrow(dim, 1, m - 2)
         cross = torch.add(odd.narrow(dim, 0, m - 2), even.narrow(dim, 2, m - 2), out=torch.empty_like(inner))
         torch.add(cross, inner, alpha=3, out=inner)
-    if m > 2:  # both ends in one op: rows 0 and m - 1 of y (step m - 1), rows 2 and 2m - 3 of x (step 2m - 5)
+        # both ends in one op: rows 0 and m - 1 of y (step m - 1), rows 2 and 2m - 3 of x (step 2m - 5)
         ends = y[(slice(None),) * dim + (slice(0, None, m - 1),)]
         torch.add(x[(slice(None),) * dim + (slice(2, 2 * m - 2, 2 * m - 5),)], ends, alpha=3, out=ends).mul_(8.0 / 7.0)
     else:
