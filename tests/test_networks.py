@@ -328,7 +328,8 @@ def test_on_device_places_the_networks_in_the_runs_memory_layout_with_the_same_m
 
 @pytest.mark.parametrize("kwargs", [{}, {"fusion_mode": "product"}, {"fuse": False}, {"sigma": 0},
                                     {"stages": (2, 4)}, {"stages": (3,), "fusion_mode": "product"},
-                                    {"fuse": False, "stages": (1, 2)}, {"sigma": 2.0}])
+                                    {"fuse": False, "stages": (1, 2)}, {"sigma": 2.0}, {"stages": (1, 2, 4)},
+                                    {"stages": (1, 3, 4), "sigma": 0}])
 def test_eager_fusion_equals_the_stage_map_stack(kwargs):
     """The eager inference path (``AnomalyMapFusion.fuse_features``: offset and scale on the small maps,
     clipped and summed in place, no (B, K, H, W) stack) gives the map of the reference path
@@ -352,6 +353,76 @@ def test_eager_fusion_equals_the_stage_map_stack(kwargs):
     torch.testing.assert_close(score, reference.flatten(1).amax(1), rtol=0, atol=1e-5 * peak)
     graded = model.fusion.fuse_features(t, s, x.shape[-2:])  # grad mode on: the reference functions
     torch.testing.assert_close(graded, reference, rtol=0, atol=1e-6 * peak)
+
+
+@pytest.mark.parametrize("shape,size", [((1, 1, 64, 64), (256, 256)), ((1, 1, 32, 32), (256, 256)),
+                                        ((3, 1, 16, 16), (256, 256)), ((2, 1, 8, 8), (256, 256)),
+                                        ((2, 1, 40, 56), (160, 224)), ((1, 2, 5, 7), (160, 224)),
+                                        ((1, 1, 4, 6), (8, 18)), ((1, 1, 1, 1), (4, 4))])
+def test_eager_upsampling_is_bilinear_interpolation(shape, size):
+    """The fusion's CPU upsampling of the stage maps (integer scales, even along H: a product along W,
+    one broadcast step along H) equals ``F.interpolate(bilinear, align_corners=False)`` to float
+    rounding, in float32 (~1 ulp of the peak) and float64, at every Lite0 stage size and others."""
+    from monai_multiad.networks.fusion import AnomalyMapFusion
+
+    torch.manual_seed(0)
+    fusion = AnomalyMapFusion(4)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-14)):
+        z = torch.randn(shape, dtype=dtype) * 3
+        ref = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+        out = fusion._upsample(z, size)
+        assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+        peak = float(ref.abs().max())
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol * peak)
+        assert (out.dtype, tuple(size)) in {(k[5], k[2:4]) for k in fusion._upsampling}  # it took the new path
+    for z, odd in ((torch.randn(2, 1, 8, 8), (24, 24)), (torch.randn(1, 1, 8, 8), (20, 32)),
+                   (torch.randn(1, 1, 7, 9), (16, 32)), (torch.randn(1, 1, 8, 8), (8, 16))):
+        fusion._upsampling.clear()  # odd scales along H, W not a multiple, scale 1: F.interpolate itself
+        ref = F.interpolate(z, size=odd, mode="bilinear", align_corners=False)
+        assert torch.equal(fusion._upsample(z, odd), ref) and not fusion._upsampling
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 64, 64), (3, 40, 32, 32), (2, 320, 8, 8), (2, 5, 7, 9), (1, 1, 4, 4)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_eager_cosine_is_torch_cosine_similarity_bit_for_bit(shape, channels_last):
+    """The eager fusion's ``1 - cos`` (``F.cosine_similarity``'s steps with the product in place) gives its
+    numbers bit for bit, in both layouts, also with zero vectors (the eps clamp): should a torch release
+    compute the cosine otherwise, this says so before the fused maps move."""
+    from monai_multiad.networks.fusion import _cosine_in_place
+
+    torch.manual_seed(0)
+    a, b = torch.randn(shape), torch.randn(shape) + 0.5
+    a[..., 0, 0] = 0.0
+    if channels_last:
+        a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_cosine_in_place(a, b), F.cosine_similarity(a, b, dim=1, eps=1e-6))
+
+
+def test_eager_smoothing_equals_the_conv_path_for_batches_and_channels():
+    """The CPU Gaussian (image by image, each axis one batched product of the Toeplitz taps with
+    overlapping windows of the padded map) on a (B, C, H, W) batch equals the two ``conv2d`` calls of
+    the traced path, for several sizes (multiples of the block or not), strided views and blocks."""
+    from monai_multiad.networks.fusion import GaussianSmoothing
+
+    torch.manual_seed(0)
+    smooth = GaussianSmoothing(4.0)
+
+    def conv(x):
+        flat = x.reshape(-1, 1, *x.shape[-2:])
+        flat = F.conv2d(F.conv2d(flat, smooth.kernel_h, padding=(smooth.pad, 0)), smooth.kernel_w, padding=(0, smooth.pad))
+        return flat.reshape(x.shape)
+
+    x = torch.rand(3, 2, 256, 200)
+    for block in (16, 32, 64, 256):
+        smooth.block = block
+        for view in (x, x[:, :, ::2], x[1:, :1, :, 3:150]):  # strided views too
+            torch.testing.assert_close(smooth(view), conv(view), rtol=1e-5, atol=1e-6)
+    smooth.block = 16  # dividing H: the path that writes the result with out=
+    x = torch.rand(2, 1, 64, 48, requires_grad=True)  # with gradients (the reference fusion path in grad mode)
+    weights = torch.rand(2, 1, 64, 48)
+    (grad,) = torch.autograd.grad((smooth(x) * weights).sum(), x)
+    (expected,) = torch.autograd.grad((conv(x) * weights).sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_eager_fusion_equals_the_stage_map_stack_lite0_channels_last():

@@ -164,6 +164,51 @@ def test_exact_2x_resize_is_the_antialiased_bilinear_resize(shape, channels_last
     assert not _halves((512, 510), (256, 256)) and not _halves((2, 2), (1, 1)) and not _halves((256, 256), (256, 256))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 512, 512), (1, 3, 8, 6), (3, 1, 4, 100), (2, 3, 130, 62), (1, 2, 6, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_exact_2x_resize_as_plain_sums_is_the_antialiased_bilinear_resize(shape, channels_last):
+    """``_halve_sums`` (8 x ``_halve``, the preprocessor's path) on both axes, divided by 64, equals
+    ``F.interpolate(bilinear, antialias=True)`` to 2x down on 0-255 values (2 ulp), also where an axis halves
+    to 2 or 3 (the ends' own taps), whatever the layout, and writes the layout it is given."""
+    from monai_multiad.data.preprocess import _halve_sums
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, shape).astype(np.float32))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    half = (shape[2] // 2, shape[3] // 2)
+    ref = F.interpolate(x, size=half, mode="bilinear", align_corners=False, antialias=True)
+    out = torch.empty(shape[0], shape[1], *half)
+    y = _halve_sums(_halve_sums(x, 2), 3, out=out)
+    assert y.data_ptr() == out.data_ptr() and y.is_contiguous()
+    torch.testing.assert_close(y / 64, ref, rtol=0, atol=4e-5)
+    exact = F.interpolate(x.double(), size=half, mode="bilinear", align_corners=False, antialias=True)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert torch.equal((y / 64)[interior].double(), exact[interior])  # integer sums: the interior is exact
+
+
+@pytest.mark.parametrize("channels", [1, 3, None])
+def test_cpu_batch_of_interleaved_shapes_equals_image_by_image(channels):
+    """On the CPU each chunk is converted from its own arrays and, for an exact 2x resize, written into its rows
+    of the batch: with shapes and dtypes interleaved (groups whose images are not consecutive), chunks of
+    one or several images, every row is the image converted alone."""
+    from monai_multiad.data import preprocess
+
+    rng = np.random.default_rng(3)
+    c = 3 if channels is None else channels
+    arrays = [rng.integers(0, 256, (64, 64, c), dtype=np.uint8), rng.integers(0, 256, (40, 48, c), dtype=np.uint8),
+              rng.integers(0, 256, (64, 64, c), dtype=np.uint8), rng.integers(0, 65536, (64, 64, c), dtype=np.uint16),
+              rng.integers(0, 256, (64, 64, c), dtype=np.uint8), rng.integers(0, 256, (64, 64, c), dtype=np.uint8)]
+    prep = DevicePreprocessor(32, channels, "cpu")
+    alone = torch.cat([prep([a]) for a in arrays])
+    for chunk in (preprocess._CPU_CHUNK_BYTES, 1, 2 * 64 * 64 * c * 4):
+        preprocess._CPU_CHUNK_BYTES, saved = chunk, preprocess._CPU_CHUNK_BYTES
+        try:
+            torch.testing.assert_close(prep(arrays), alone, rtol=0, atol=0)
+            torch.testing.assert_close(prep(arrays[4:]), alone[4:], rtol=0, atol=0)  # consecutive: written in place
+        finally:
+            preprocess._CPU_CHUNK_BYTES = saved
+
+
 def test_cpu_chunks_give_the_whole_batch_at_once(image_files, monkeypatch):
     """On the CPU images are converted a few at a time (to stay in cache); any chunk size gives the same batch."""
     from monai_multiad.data import preprocess
