@@ -90,7 +90,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     """Load ``model.pt`` (or a run folder holding one) -> (network in eval mode, config, fusion stats).
 
     ``fold_batchnorm=True`` folds the networks' BatchNorm layers into their convolutions
-    (:meth:`MultiAD.fold_batchnorm_`): the same maps to float rounding, about 17 % faster on the CPU,
+    (:meth:`MultiAD.fold_batchnorm_`): the same maps to float rounding, the Lite0 networks
+    1.24x (batch 1) to 1.64x (batch 32) faster on one CPU thread (``docs/results.md``),
     for inference only (the network can then be neither trained nor saved). Evaluation, prediction,
     screening and calibration load it so; export and state-dict files keep the network as trained."""
     path = Path(path)

@@ -34,26 +34,28 @@ def count_batchnorm(module: nn.Module) -> int:
     return sum(isinstance(m, _BATCHNORMS) for m in module.modules())
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
+def fold_batchnorm(module: nn.Module, inplace: bool = False) -> nn.Module:
     """An eval-mode copy of ``module`` with each BatchNorm that follows a convolution (or linear layer)
-    folded into it; ``module`` itself is left as it was. The copy is for inference only: it has
-    no BatchNorm statistics left to train. Returns an unchanged copy when ``module`` has no
-    BatchNorm or cannot be traced (logged at debug level)."""
+    folded into it; ``module`` itself is left as it was, unless ``inplace`` (then its layers are reused
+    and changed, no copy is made, and ``module`` is not to be used afterwards). The result is for
+    inference only: it has no BatchNorm statistics left to train. It is ``module`` unfolded (a copy
+    unless ``inplace``) when ``module`` has no BatchNorm or cannot be traced (logged at debug level)."""
     import copy
 
     from torch.fx.experimental.optimization import fuse
 
     if count_batchnorm(module) == 0:
-        return copy.deepcopy(module).eval()
+        return (module if inplace else copy.deepcopy(module)).eval()
     was_training = module.training
     module.eval()  # fuse_conv_bn_eval refuses layers in training mode
     try:
-        folded = fuse(module).eval()
+        folded = fuse(module, inplace=inplace).eval()
     except Exception as e:  # an untraceable forward (data-dependent control flow): run it unfolded
         logger.debug("BatchNorm not folded in %s: %s: %s", type(module).__name__, type(e).__name__, e)
-        return copy.deepcopy(module).eval()
+        return (module if inplace else copy.deepcopy(module)).eval()
     finally:
-        module.train(was_training)
+        if not inplace:
+            module.train(was_training)
     _activations_in_place(folded)
     return folded
 

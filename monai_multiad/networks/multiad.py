@@ -120,8 +120,9 @@ class MultiAD(nn.Module):
         has the BatchNorm entries, so it is not saved (``run_folder.save_model`` refuses it)."""
         if not self.batchnorm_folded:
             self.eval()
-            self.teacher = fold_batchnorm(self.teacher).requires_grad_(False)
-            self.student = fold_batchnorm(self.student)
+            # in place: the networks as trained are replaced, so they need not be copied first
+            self.teacher = fold_batchnorm(self.teacher, inplace=True).requires_grad_(False)
+            self.student = fold_batchnorm(self.student, inplace=True)
             self.batchnorm_folded = True
         return self
 
