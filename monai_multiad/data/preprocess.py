@@ -35,40 +35,18 @@ def _halves(source: tuple[int, int], size: tuple[int, int]) -> bool:
     return min(size) >= 2 and source == (2 * size[0], 2 * size[1])
 
 
-def _halve(x: torch.Tensor, dim: int, contiguous: bool = False) -> torch.Tensor:
-    """``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)`` from 2m to m along ``dim``,
-    written out: at scale 2 its triangle filter has four taps, output i = (x[2i-1] + x[2i+2]) / 8 +
-    3 (x[2i] + x[2i+1]) / 8, and three at the ends, renormalised: (3, 3, 1) / 7 and (1, 3, 3) / 7
-    (PyTorch's ``aa`` weights, ``support = 2``). The same numbers to float rounding (2 ulp at 0-255,
-    ``tests/test_preprocess_device.py``), in a few strided adds instead of the generic antialiasing
-    kernel: 1.3 against 2.1 ms for a 512 px RGB image on one thread, in its channels-last layout (no
-    reordering copy of the source bytes first). ``contiguous=True`` writes the result in the contiguous
-    layout instead, in the same pass: the normalisation that follows broadcasts (1, 3, 1, 1)
-    constants, 4-5x slower over channels-last. The preprocessor now runs :func:`_halve_sums`, the same
-    taps with fewer passes; this one stays as their readable form (``tests/test_preprocess_device.py``)."""
-    m = x.shape[dim] // 2
-    pairs = x.unflatten(dim, (m, 2))
-    even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)  # x[2i], x[2i + 1]
-    y = torch.add(even, odd, out=torch.empty(even.shape, dtype=even.dtype, device=even.device)) if contiguous \
-        else torch.add(even, odd)
-    y = y.mul_(0.375)
-    if m > 2:
-        y.narrow(dim, 1, m - 2).add_(torch.add(odd.narrow(dim, 0, m - 2), even.narrow(dim, 2, m - 2)), alpha=0.125)
-    y.narrow(dim, 0, 1).copy_(torch.add(even.narrow(dim, 0, 1), odd.narrow(dim, 0, 1)).mul_(0.75 / 1.75)
-                              .add_(even.narrow(dim, 1, 1), alpha=0.25 / 1.75))
-    y.narrow(dim, m - 1, 1).copy_(torch.add(even.narrow(dim, m - 1, 1), odd.narrow(dim, m - 1, 1)).mul_(0.75 / 1.75)
-                                  .add_(odd.narrow(dim, m - 2, 1), alpha=0.25 / 1.75))
-    return y
-
-
 def _halve_sums(x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """8 x :func:`_halve` along ``dim`` in three full passes of plain adds: ``t = x[2i] + x[2i+1]`` (into
-    ``out`` when given: the layout of the result), ``c = x[2i-1] + x[2i+2]``, ``y = c + 3 t``; the ends,
-    ``3 t[0] + x[2]`` and ``3 t[m-1] + x[2m-3]``, times 8/7. On integer values (bytes) every interior sum is exact,
-    so a single division by 64 x the dtype's maximum after both axes gives :func:`_halve`'s numbers to
-    float rounding (2 ulp). It skips ``_halve``'s scaling pass and one of its two strided passes per axis
-    (the second add runs on the contiguous result): a 512 px uint8 RGB image, both axes and the scaling,
-    in 0.52 against 0.76 ms, one thread."""
+    """8 x ``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)`` from 2m to m along
+    ``dim``, written out: at scale 2 its triangle filter has four taps, 8 x output i = x[2i-1] + x[2i+2] +
+    3 (x[2i] + x[2i+1]), and three at the ends, renormalised: (3, 3, 1) x 8 / 7 (PyTorch's ``aa``
+    weights, ``support = 2``). Three full passes of plain adds: ``t = x[2i] + x[2i+1]`` (into ``out``
+    when given: the layout of the result), ``c = x[2i-1] + x[2i+2]``, ``y = c + 3 t``; the ends,
+    ``3 t[0] + x[2]`` and ``3 t[m-1] + x[2m-3]``, times 8/7. On integer values (bytes) every interior
+    sum is exact, so a single division by 64 x the dtype's maximum after both axes gives the resize to
+    float rounding (2 ulp at 0-255, ``tests/test_preprocess_device.py``), read in the source's own
+    channels-last layout (no reordering copy of the source bytes first): a 512 px uint8 RGB image,
+    both axes and the scaling, in 0.52 ms on one thread, against 0.76 for the same taps with a
+    scaling pass per axis (an interleaved timing made for issue 12, one thread)."""
     m = x.shape[dim] // 2
     pairs = x.unflatten(dim, (m, 2))
     even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)  # x[2i], x[2i + 1]
@@ -234,19 +212,15 @@ class DevicePreprocessor:
         groups = list(keys.values())
         if self.device.type == "cpu" and self._staging is None:
             return self._on_cpu(arrays, groups)
-        sent = self._upload([[arrays[i] for i in idx] for idx in groups])
+        sent = self._upload([[arrays[i] for i in idx] for idx in groups])  # one transfer (staged) or one per group
         out = None
-        for idx, t in zip(groups, sent):
-            # on the CPU a few images at a time, so that each one's float copy and resize stay in the core's
-            # cache (a 512 px RGB image is 3 MiB as float32): the same operations on fewer images at once
-            step = t.shape[0] if self.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // (4 * t[0].numel()))
-            for start in range(0, t.shape[0], step):
-                x = self._convert(t[start: start + step], arrays[idx[0]].dtype)
-                if len(groups) == 1 and step >= t.shape[0]:
-                    return x
-                if out is None:
-                    out = torch.empty((len(arrays), x.shape[1], *self.size), dtype=x.dtype, device=self.device)
-                out.index_copy_(0, torch.tensor(idx[start: start + step], device=self.device), x)
+        for idx, t in zip(groups, sent):  # each group whole: one kernel per step on the device
+            x = self._convert(t, arrays[idx[0]].dtype)
+            if len(groups) == 1:
+                return x
+            if out is None:
+                out = torch.empty((len(arrays), x.shape[1], *self.size), dtype=x.dtype, device=self.device)
+            out.index_copy_(0, torch.tensor(idx, device=self.device), x)
         return out
 
     def _on_cpu(self, arrays: list[np.ndarray], groups: list[list[int]]) -> torch.Tensor:
