@@ -73,16 +73,7 @@ def timed_together(fns: dict, device: torch.device, warmup: int, repeats: int) -
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(repeats, 1)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed_together({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 def _rss_mb() -> float:
