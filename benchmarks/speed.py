@@ -469,12 +469,18 @@ def bench_peer(job: dict) -> dict:
 
 
 def run_job(job: dict) -> dict:
+    if job.get("keep_freed_memory", True):  # as multiad runs: freed CPU memory kept for the next pass
+        from monai_multiad.allocator import keep_freed_memory
+
+        keep_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or threads)
     try:
         kinds = {"volume": bench_volume, "cohort": bench_cohort, "images": bench_images,
                  "train_cost": bench_train_cost, "peer": bench_peer}
-        return kinds[job["kind"]](job)
+        from monai_multiad.allocator import kept_freed_memory
+
+        return {**kinds[job["kind"]](job), "freed_memory_kept": kept_freed_memory()}
     finally:
         torch.set_num_threads(threads)
 
@@ -504,6 +510,7 @@ def metadata(args) -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "image_size": args.image_size, "source_size": args.source_size, "repeats": args.repeats,
         "warmup": args.warmup, "amp_on_cuda": args.amp, "isolated_processes": args.isolate,
+        "freed_memory_kept": args.keep_freed_memory,
         "weights": WEIGHTS_NOTE, "memory": {d: memory_method(d) for d in args.devices},
     }
 
@@ -513,10 +520,12 @@ def markdown(report: dict) -> str:
     sizes = (f"{m['image_size']} px from {m['source_size']} px uint8 images; "
              if report["results"] or report["volume"] or report.get("cohort") else "")
     load = [[round(x, 1) for x in m.get(k) or []] for k in ("load_average_at_start", "load_average_at_end")]
+    malloc = ("freed CPU memory kept (multiad's default)" if m.get("freed_memory_kept", True)
+              else "glibc's malloc as it is (--glibc-malloc)")
     lines = [f"# Multi-AD speed ({m['date']})", "",
              f"torch {m['torch']}, monai {m['monai']}, CPU: {m['cpu']} ({m['torch_threads']} threads), "
              f"CUDA: {m['cuda_device'] or 'none'}; {sizes}median of {m['repeats']} after {m['warmup']} warm-up; "
-             f"{m['weights']}; load average (1, 5, 15 min) {load[0]} at start, {load[1]} at end.", ""]
+             f"{m['weights']}; {malloc}; load average (1, 5, 15 min) {load[0]} at start, {load[1]} at end.", ""]
     if report["results"]:
         lines += ["| backbone | device | batch | pipeline img/s | bare img/s | pipeline / bare | bare unfolded img/s "
                   "| folding speed-up | train img/s | inference peak MiB | train peak MiB |",
@@ -599,6 +608,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no fp16 autocast on CUDA")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="all in this process")
+    p.add_argument("--glibc-malloc", dest="keep_freed_memory", action="store_false",
+                   help="leave glibc's malloc as it is (it unmaps large freed blocks: page faults in every pass)\n"
+                        "instead of keeping freed memory as multiad does (monai_multiad.allocator)")
     p.add_argument("--no-volume", dest="volume", action="store_false", help="skip volume screening")
     p.add_argument("--volume-slices", type=int, default=155)
     p.add_argument("--volume-batch-size", type=int, default=32)
@@ -656,7 +668,8 @@ def main(argv=None) -> dict:
     devices = [d for d in args.devices if not d.startswith("cuda") or torch.cuda.is_available()]
     skipped = sorted(set(args.devices) - set(devices))
     common = {k: getattr(args, k) for k in ("image_size", "source_size", "repeats", "warmup", "amp", "threads",
-                                             "volume_slices", "volume_batch_size", "cost_batch_size", "cpu_variants",
+                                             "keep_freed_memory", "volume_slices", "volume_batch_size",
+                                             "cost_batch_size", "cpu_variants",
                                              "cohort_volumes", "cohort_slices", "cohort_workers", "cohort_map_format")}
     report = {"meta": {**metadata(args), "skipped_devices": skipped, "modes": ["peer"] if args.peer else args.modes},
               "results": [], "volume": [], "cohort": [], "train_cost": [], "peer": []}

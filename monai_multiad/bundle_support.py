@@ -18,7 +18,9 @@ The bundles' ``train.json`` builds a training run with the objects and steps ``m
   folder, each a one-line error;
 * :func:`image_inputs`, :func:`volume_scans`: what inference reads from a folder; :func:`flag`: a
   yes/no option as a shell passes it (``--rescreen true``);
-* :func:`prepare_run_dir`: the run folder checked, created, and its ``config.json``.
+* :func:`prepare_run_dir`: the run folder checked, created, and its ``config.json``;
+* :func:`~monai_multiad.allocator.keep_freed_memory`: freed CPU memory kept for the next batch, as
+  ``multiad`` keeps it (each config's first ``initialize`` step).
 
 This module sits at the top floor, beside the CLI: it may import from anything below it.
 """
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from monai_multiad.allocator import keep_freed_memory
 from monai_multiad.config import FALSE_WORDS, MODEL_KEYS, TRUE_WORDS, RunConfig
 from monai_multiad.errors import MultiADInputError, WeightsError, find_input_error
 from monai_multiad.outputs import check_output_dir
@@ -46,6 +49,7 @@ __all__ = [
     "flag",
     "image_inputs",
     "install_error_hook",
+    "keep_freed_memory",
     "prepare_run_dir",
     "require_dataset_dir",
     "run_config",

@@ -39,6 +39,7 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 
+from monai_multiad.allocator import keep_freed_memory
 from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError, OutputWriteError
 from monai_multiad.outputs import folder_lock
@@ -81,7 +82,9 @@ def _quiet_launcher(verbose: bool) -> None:
 
 
 def _setup_rank(verbose: bool = False) -> None:
-    """Per-process logging (rank 0 logs the epochs) and CPU threads shared among local processes."""
+    """Per-process logging (rank 0 logs the epochs), CPU threads shared among local processes, and freed CPU
+    memory kept for the next batch as in the process that spawned this one (:mod:`monai_multiad.allocator`)."""
+    keep_freed_memory()
     rank0 = idist.get_rank() == 0
     logging.basicConfig(level=logging.INFO if verbose and rank0 else logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO if rank0 else logging.WARNING)
