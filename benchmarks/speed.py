@@ -469,17 +469,15 @@ def bench_peer(job: dict) -> dict:
 
 
 def run_job(job: dict) -> dict:
-    if job.get("keep_freed_memory", True):  # as multiad runs: freed CPU memory kept for the next pass
-        from monai_multiad.allocator import keep_freed_memory
+    from monai_multiad.allocator import keep_freed_memory, kept_freed_memory
 
+    if job.get("keep_freed_memory", True):  # as multiad runs: freed CPU memory kept for the next pass
         keep_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or threads)
     try:
         kinds = {"volume": bench_volume, "cohort": bench_cohort, "images": bench_images,
                  "train_cost": bench_train_cost, "peer": bench_peer}
-        from monai_multiad.allocator import kept_freed_memory
-
         return {**kinds[job["kind"]](job), "freed_memory_kept": kept_freed_memory()}
     finally:
         torch.set_num_threads(threads)
