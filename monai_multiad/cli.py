@@ -322,7 +322,7 @@ def error_exit(e: MultiADInputError | OutputWriteError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # CPU batches 1.6x faster: no page faults for each pass's tensors (monai_multiad.allocator)
+    keep_freed_memory()  # CPU batches of 32 1.8x faster: no page faults for each pass's tensors (see the module)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command in ("train", "demo", "screen"):  # screen: the note on scans kept from an earlier run
         logging.getLogger("monai_multiad").setLevel(logging.INFO)
