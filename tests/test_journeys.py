@@ -80,7 +80,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_readme_demo_command_as_written(tmp_path):
     """``multiad demo``, nothing else: the default relative folder ./multiad_demo, to the end."""
-    proc = multiad(tmp_path, "demo", timeout=1800)  # about a minute on 2 idle cores; far more on a busy machine
+    proc = multiad(tmp_path, "demo", timeout=1800)  # about half a minute on 2 idle cores; far more on a busy machine
     report = json.loads((tmp_path / "multiad_demo" / "demo_report.json").read_text())
     assert report["checks"] == {"textures_image_auroc": True, "phantom_flagged": True,
                                 "top_slices_in_lesion": True}, proc.stdout[-3000:]
