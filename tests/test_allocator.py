@@ -34,10 +34,14 @@ ROUNDS = textwrap.dedent("""
 """)
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without any allocator choice of its own, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
+               and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MULTIAD_KEEP_FREED_MEMORY")}, **extra}
+
+
 def _rounds(mode: str, **env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MULTIAD_KEEP_FREED_MEMORY")}
-    out = subprocess.run([sys.executable, "-c", ROUNDS, mode], env={**clean, **env}, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", ROUNDS, mode], env=_env(**env), capture_output=True, text=True,
                          check=True)
     return out.stdout.split()
 
@@ -74,7 +78,6 @@ def test_multiad_keeps_freed_memory_from_its_start(tmp_path):
         status = cli.main(["predict", "missing.png", "--run", "no_run", "--out", "out"])
         print(status, allocator.kept_freed_memory())
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MULTIAD_KEEP_FREED_MEMORY"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True)
     assert out.stdout.split() == ["2", "True"], out.stderr
     assert "no_run" in out.stderr
