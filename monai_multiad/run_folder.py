@@ -91,7 +91,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
 
     ``fold_batchnorm=True`` folds the networks' BatchNorm layers into their convolutions
     (:meth:`MultiAD.fold_batchnorm_`): the same maps to float rounding, the Lite0 networks
-    1.24x (batch 1) to 1.64x (batch 32) faster on one CPU thread (``docs/results.md``),
+    about 1.2x faster on one CPU thread at batch 1 and 32 (``docs/results.md``),
     for inference only (the network can then be neither trained nor saved). Evaluation, prediction,
     screening and calibration load it so; export and state-dict files keep the network as trained."""
     path = Path(path)

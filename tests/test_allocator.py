@@ -73,7 +73,6 @@ def test_a_users_own_choice_is_kept(env):
 def test_multiad_keeps_freed_memory_from_its_start(tmp_path):
     # the CLI applies it before any command runs: here a predict that ends at once on a missing run folder
     code = textwrap.dedent("""
-        import sys
         from monai_multiad import allocator, cli
         status = cli.main(["predict", "missing.png", "--run", "no_run", "--out", "out"])
         print(status, allocator.kept_freed_memory())
