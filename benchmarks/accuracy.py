@@ -76,6 +76,15 @@ STUDY: dict[str, dict] = {
     "def_hard99": {"train": {"hard_mining": 0.99}},
     "def_batch8": {"train": {"batch_size": 8, "max_steps": 600}},
     "def_x4": {"train": {"max_steps": 1200}},
+    # negative examples and a second opinion: the defaults as they are, a denoising student (the
+    # student sees synthetic anomalies in half or all of the training images, the teacher the clean
+    # images), and a memory bank of normal teacher features (PatchCore's k-NN map) fused with the
+    # student's maps, on either student
+    "def": {"train": {}},
+    "def_dn50": {"train": {"denoise_fraction": 0.5}},
+    "def_dn100": {"train": {"denoise_fraction": 1.0}},
+    "def+bank": {"from": "def", "refit": {"memory_bank": 4096}},
+    "def_dn50+bank": {"from": "def_dn50", "refit": {"memory_bank": 4096}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
@@ -184,7 +193,7 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     from torch.utils.data import DataLoader
 
     from monai_multiad import inference, workflow
-    from monai_multiad.engines.evaluator import fit_fusion
+    from monai_multiad.engines.evaluator import fit_fusion, fit_memory_bank
     from monai_multiad.outputs import write_json
 
     base = next((r for r in rows if r["config"] == spec["from"] and r["category"] == name), None)
@@ -195,9 +204,16 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     cfg = workflow.resolve_options(cfg)
     device = workflow.resolve_device(args.device)
     refit = workflow.MultiAD(**{**cfg.model_kwargs(), "pretrained": False})
-    refit.load_state_dict(network.state_dict())
+    # the fusion is refitted below (a memory bank adds a map to it); a new bank is filled below
+    state = {k: v for k, v in network.state_dict().items() if not k.startswith("fusion.")}
+    missing, unexpected = refit.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("fusion.", "memory_bank.")) for k in missing):
+        raise SystemExit(f"study variant {config}: refit cannot change the networks ({unexpected or missing})")
     refit.to(device)
     train_ds, val_ds = workflow.build_datasets(cfg, "train")
+    t_bank = time.perf_counter()
+    bank = fit_memory_bank(refit, workflow.fixed_normals_loader(train_ds, cfg), device, seed=cfg.seed)
+    bank_seconds = time.perf_counter() - t_bank
     if spec["refit"].get("bn_recalibrate", 0) > 0:  # re-estimate the student's BatchNorm statistics only
         from monai_multiad.engines.batchnorm import BatchNormRecalibration
 
@@ -215,7 +231,7 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     metrics = inference.evaluate(run_dir, device=args.device)
     row = {**base, "config": config, **{k: metrics[k] for k in METRICS},
            "eval_seconds": round(time.perf_counter() - t0, 1), "refit_seconds": round(refit_seconds, 1),
-           "run_dir": str(run_dir), "options": cfg.to_dict(), "from": spec["from"]}
+           "memory_bank": bank, "bank_seconds": round(bank_seconds, 1), "run_dir": str(run_dir), "options": cfg.to_dict(), "from": spec["from"]}
     print("[accuracy] " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS), file=sys.stderr, flush=True)
     return row
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_multiad.errors import MultiADInputError
+from monai_multiad.transforms.anomaly import ANOMALY_MODES
 
 __all__ = ["RunConfig", "MODEL_KEYS"]
 
@@ -68,6 +69,8 @@ class RunConfig:
                                   choices=("mean", "zscore", "quantile"))
     score_topk: float = _opt(0.0, "image score: mean of the top fraction of map pixels (0 = the map's maximum)")
     feature_norm: bool = _opt(False, "standardise teacher features per channel with normal-image statistics")
+    memory_bank: int = _opt(0, "entries of a memory bank of normal teacher features (a coreset, PatchCore's k-NN "
+                            "map) whose map joins the fusion; 0 = none")
     foreground: str = _opt("auto", "zero the map outside the body/head found in the scan; auto = on for volumes",
                            choices=("auto", "on", "off"))
     # training
@@ -88,6 +91,12 @@ class RunConfig:
     augment_flips: bool = _opt(False, "random left-right / up-down flips of the training images (textures, parts)")
     hard_mining: float = _opt(0.9, "distil only positions whose distance is above this quantile of the batch's "
                               "(e.g. 0.9; 0 = all positions)")
+    denoise_fraction: float = _opt(0.0, "share of training images the student sees with a synthetic anomaly while "
+                                   "the teacher sees them clean (a denoising student; 0 = off)")
+    synthetic_anomalies: list = _opt(("auto",), "kinds of synthetic anomaly drawn from: texture (Perlin region "
+                                     "with a self-sourced texture), hyper, hypo (brighter/darker region), patch "
+                                     "(the region of another training image); auto = hyper, hypo and patch for "
+                                     "volumes, texture for 2D images", nargs="+")
     d_lr: float = _opt(1e-4, "discriminator learning rate (Adam)")
     d_label_smoothing: float = _opt(0.0, "one-sided label smoothing: the discriminator's target for teacher "
                                     "features is 1 - this (a balancing lever, e.g. 0.1)")
@@ -125,6 +134,14 @@ class RunConfig:
             raise MultiADInputError(f"option d_update_every must be >= 1, got {self.d_update_every}")
         if not 0.0 <= self.hard_mining < 1.0:
             raise MultiADInputError(f"option hard_mining must be a quantile in [0, 1), got {self.hard_mining}")
+        if self.memory_bank < 0:
+            raise MultiADInputError(f"option memory_bank must be 0 (none) or a number of entries, got {self.memory_bank}")
+        if not 0.0 <= self.denoise_fraction <= 1.0:
+            raise MultiADInputError(f"option denoise_fraction must be in [0, 1], got {self.denoise_fraction}")
+        self.synthetic_anomalies = [str(m) for m in self.synthetic_anomalies]
+        if not self.synthetic_anomalies or not set(self.synthetic_anomalies) <= {"auto", *ANOMALY_MODES}:
+            raise MultiADInputError(f"option synthetic_anomalies must be auto or among {', '.join(ANOMALY_MODES)}, "
+                                    f"got {self.synthetic_anomalies}")
         if not 0.0 < self.bn_momentum <= 1.0:
             raise MultiADInputError(f"option bn_momentum must be in (0, 1], got {self.bn_momentum}")
         for f in fields(self):
@@ -215,6 +232,7 @@ class RunConfig:
             "score_topk": self.score_topk,
             "feature_norm": self.feature_norm,
             "foreground": self.foreground == "on",
+            "memory_bank": self.memory_bank,
         }
 
 

@@ -37,10 +37,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from monai_multiad.config import RunConfig
 from monai_multiad.data.images import detect_layout
 from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnorm_momentum
-from monai_multiad.engines.evaluator import DistillationEvaluator, EarlyStop, distillation_loss_metric, fit_fusion
+from monai_multiad.engines.evaluator import (
+    DistillationEvaluator,
+    EarlyStop,
+    distillation_loss_metric,
+    fit_fusion,
+    fit_memory_bank,
+)
 from monai_multiad.engines.trainer import MultiADTrainer
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.outputs import write_json
+from monai_multiad.transforms.anomaly import SyntheticAnomaly
+from monai_multiad.transforms.volume import FG_THRESHOLD
 from monai_multiad.networks import MultiAD
 from monai_multiad.run_folder import (  # noqa: F401 - load_model, save_model: also importable from here
     EpochLog,
@@ -85,13 +93,25 @@ def build_network(cfg: RunConfig) -> MultiAD:
     return network
 
 
+#: the synthetic anomalies ``synthetic_anomalies=auto`` draws from: scans get lesion-like intensity
+#: changes and patches of other slices inside the body, 2D images Perlin textures
+AUTO_ANOMALIES = {"volumes": ["hyper", "hypo", "patch"], "images": ["texture"]}
+
+
 def resolve_options(cfg: RunConfig) -> RunConfig:
     """Settle the options whose default depends on the data: ``foreground="auto"`` is on for
-    volume folders and off for 2D images. The run folder records the settled value."""
-    if cfg.foreground != "auto":
+    volume folders and off for 2D images; ``synthetic_anomalies=auto`` is hyper, hypo and patch for
+    volume folders, texture for 2D images. The run folder records the settled values."""
+    if cfg.foreground != "auto" and "auto" not in cfg.synthetic_anomalies:
         return cfg
     layout = cfg.layout if cfg.layout != "auto" else detect_layout(Path(cfg.dataset_dir))
-    return dataclasses.replace(cfg, foreground="on" if layout == "volumes" else "off")
+    kind = "volumes" if layout == "volumes" else "images"
+    changes = {}
+    if cfg.foreground == "auto":
+        changes["foreground"] = "on" if kind == "volumes" else "off"
+    if "auto" in cfg.synthetic_anomalies:
+        changes["synthetic_anomalies"] = list(AUTO_ANOMALIES[kind])
+    return dataclasses.replace(cfg, **changes)
 
 
 def build_datasets(cfg: RunConfig, split: str = "train", volume_preprocessing=None,
@@ -243,6 +263,9 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         d_label_smoothing=cfg.d_label_smoothing,
         d_instance_noise=cfg.d_instance_noise,
         d_update_every=cfg.d_update_every,
+        denoise_fraction=cfg.denoise_fraction,
+        anomaly=SyntheticAnomaly([m for m in cfg.synthetic_anomalies if m != "auto"] or ["texture"], seed=cfg.seed),
+        anomaly_foreground=FG_THRESHOLD if cfg.foreground == "on" else None,
         train_handlers=handlers,
     )
 
@@ -374,6 +397,8 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
                                                          weights_only=True))
     else:
         recalibration()
+    # the memory bank (when the model has one) from all normal training images, before the fusion
+    bank = fit_memory_bank(network, recalibration.loader, device, seed=cfg.seed)
     fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
     summary = {
         "epochs": trainer.state.epoch,
@@ -386,6 +411,7 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
         "val_images": len(val_loader.dataset),
         "device": _device_name(device),
         "fusion": fusion_stats,
+        "memory_bank": bank,
     }
     if idist.get_rank() == 0:
         run_dir = Path(run_dir)

@@ -85,6 +85,27 @@ class MultiADEvaluator(Evaluator):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def fit_memory_bank(network: MultiAD, normal_loader: Iterable, device: torch.device | str = "cpu",
+                    prepare_batch: Callable = _prepare, seed: int = 0) -> int:
+    """Fill ``network``'s memory bank (when it has one) from the teacher features of the normal images of
+    ``normal_loader`` (the training images); before :func:`fit_fusion`, which then fits the bank's map
+    like a stage's. Returns the entries filled (0 without a bank)."""
+    bank = getattr(network, "memory_bank", None)
+    if bank is None:
+        return 0
+    device = torch.device(device)
+    network = network.to(device).eval()
+
+    def teacher_batches():
+        for batchdata in normal_loader:
+            images = prepare_batch(batchdata, device)["image"]
+            yield network.features(images)[0]
+
+    return bank.fit(teacher_batches(), torch.Generator().manual_seed(int(seed)))
+
+
+@torch.no_grad()
 def fit_fusion(
     network: MultiAD,
     normal_loader: Iterable,

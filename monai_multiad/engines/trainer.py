@@ -14,6 +14,7 @@ from monai.engines import Trainer
 
 from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss
 from monai_multiad.networks import MultiAD
+from monai_multiad.transforms.anomaly import SyntheticAnomaly, corrupt_batch
 
 __all__ = ["MultiADTrainer", "prepare_image_batch"]
 
@@ -67,6 +68,12 @@ class MultiADTrainer(Trainer):
         d_label_smoothing, d_instance_noise: the discriminator's balancing levers (see
             :class:`monai_multiad.losses.DiscriminatorLoss`).
         d_update_every: the discriminator is updated on every this-many-th iteration only.
+        denoise_fraction: share of each batch's images the student sees with a synthetic anomaly
+            (``anomaly``) while the teacher sees the clean image: the student learns to output the
+            teacher's features of the normal image (a denoising student, as DeSTSeg), so it does not
+            learn to imitate anomalies. 0 = off.
+        anomaly: the :class:`~monai_multiad.transforms.anomaly.SyntheticAnomaly` that corrupts them.
+        anomaly_foreground: keep the anomalies where the image is brighter than this (scans); ``None`` = anywhere.
         other arguments: as ``monai.engines.Trainer``.
 
     The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
@@ -98,6 +105,9 @@ class MultiADTrainer(Trainer):
         d_label_smoothing: float = 0.0,
         d_instance_noise: float = 0.0,
         d_update_every: int = 1,
+        denoise_fraction: float = 0.0,
+        anomaly: SyntheticAnomaly | None = None,
+        anomaly_foreground: float | None = None,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -124,6 +134,9 @@ class MultiADTrainer(Trainer):
         self.adversarial_loss = AdversarialLoss(instance_noise=d_instance_noise)
         self.discriminator_loss = DiscriminatorLoss(label_smoothing=d_label_smoothing, instance_noise=d_instance_noise)
         self.d_update_every = int(d_update_every)
+        self.denoise_fraction = float(denoise_fraction)
+        self.anomaly = anomaly if anomaly is not None else SyntheticAnomaly(seed=seed if seed is not None else 0)
+        self.anomaly_foreground = anomaly_foreground
         distributed = idist.get_world_size() > 1
         self.student = idist.auto_model(network.student, sync_bn=False) if distributed else network.student
         self.discriminator = network.discriminator
@@ -167,8 +180,11 @@ class MultiADTrainer(Trainer):
         net = engine.network
         net.train()
         d_net = engine.discriminator
+        corrupted = None
+        if engine.denoise_fraction > 0:
+            corrupted, _ = corrupt_batch(images, engine.anomaly, engine.denoise_fraction, engine.anomaly_foreground)
         with engine._autocast():
-            teacher, student = net.features(images, student=engine.student)
+            teacher, student = net.features(images, student=engine.student, student_input=corrupted)
             distill = engine.distillation_loss(teacher, student)
             adversarial = torch.zeros((), device=images.device)
             if engine.use_discriminator:

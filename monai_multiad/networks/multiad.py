@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monai_multiad.errors import MultiADInputError
@@ -16,6 +17,7 @@ from monai_multiad.networks.discriminator import FeatureDiscriminator
 from monai_multiad.networks.folding import fold_batchnorm
 from monai_multiad.networks.foreground import ForegroundMask
 from monai_multiad.networks.fusion import AnomalyMapFusion, stage_anomaly_maps
+from monai_multiad.networks.memory_bank import MemoryBank
 
 __all__ = ["MultiAD"]
 
@@ -48,6 +50,10 @@ class MultiAD(nn.Module):
         sigma: Gaussian smoothing of the fused map, in pixels.
         stages: the stages (1-4) whose maps are fused (all by default); the student still
             learns every stage.
+        memory_bank: size of a coreset of normal teacher features whose k-NN distance map
+            (:class:`~monai_multiad.networks.memory_bank.MemoryBank`, PatchCore's map) joins the fusion
+            as one more map after the stages' (0 = none); filled by
+            :func:`~monai_multiad.engines.evaluator.fit_memory_bank`. With ``fuse=False`` it is the map used.
         score_topk: image score = mean of the top fraction of map pixels (0 = maximum).
         feature_norm: standardise the teacher's features channel by channel with statistics of
             normal images (:meth:`set_feature_statistics`) before the student imitates them.
@@ -79,6 +85,7 @@ class MultiAD(nn.Module):
         score_topk: float = 0.0,
         feature_norm: bool = False,
         foreground: bool = False,
+        memory_bank: int = 0,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -95,7 +102,11 @@ class MultiAD(nn.Module):
             FeatureDiscriminator(self.teacher.out_channels[-1], discriminator_channels,
                                  spectral_norm=discriminator_spectral_norm) if discriminator else None
         )
-        self.fusion = AnomalyMapFusion(len(self.teacher.out_channels), mode=fusion_mode, sigma=sigma, fuse=fuse,
+        k = len(self.teacher.out_channels)
+        self.memory_bank = MemoryBank(self.teacher.out_channels, size=memory_bank) if memory_bank > 0 else None
+        if self.memory_bank is not None:  # the bank's map is one more map of the fusion, after the stages'
+            stages = (*(stages or range(1, k + 1)), k + 1)
+        self.fusion = AnomalyMapFusion(k + (self.memory_bank is not None), mode=fusion_mode, sigma=sigma, fuse=fuse,
                                        stages=stages, score_topk=score_topk)
         self.feature_norm = bool(feature_norm)
         for k, c in enumerate(self.teacher.out_channels):  # identity until fitted; saved with the model
@@ -157,21 +168,23 @@ class MultiAD(nn.Module):
         return (x - self.mean) / self.std
 
     def features(
-        self, x: torch.Tensor, student: nn.Module | None = None
+        self, x: torch.Tensor, student: nn.Module | None = None, student_input: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher (no gradient) and student stage features of a [0, 1] batch.
 
         ``student`` runs in place of ``self.student`` when given: a wrapper of it such as
-        ``DistributedDataParallel``, which the multi-GPU trainer passes.
+        ``DistributedDataParallel``, which the multi-GPU trainer passes. ``student_input`` is what the
+        student sees instead of ``x`` (a corrupted copy: the denoising student's training).
         """
         if self.check_inputs:
             self.validate_input(x)
         x = self.normalize(x)
+        x_student = x if student_input is None else self.normalize(student_input)
         with torch.no_grad():
             t = self.teacher(x)
             if self.feature_norm:
                 t = [(f - getattr(self, f"feature_mean{k}")) / getattr(self, f"feature_std{k}") for k, f in enumerate(t)]
-        return t, (self.student if student is None else student)(x)
+        return t, (self.student if student is None else student)(x_student)
 
     @torch.no_grad()
     def set_feature_statistics(self, batches) -> None:
@@ -198,9 +211,17 @@ class MultiAD(nn.Module):
             getattr(self, f"feature_std{k}").copy_(std.view(1, -1, 1, 1))
 
     def stage_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-stage maps ``1 - cos(F_Tk, F_Sk)`` upsampled to the input size: (B, 4, H, W)."""
+        """Per-stage maps ``1 - cos(F_Tk, F_Sk)`` upsampled to the input size: (B, 4, H, W); with a
+        memory bank its k-NN distance map follows as a fifth."""
         t, s = self.features(x)
-        return stage_anomaly_maps(t, s, x.shape[-2:])
+        return self._maps(t, s, x.shape[-2:])
+
+    def _maps(self, t, s, size) -> torch.Tensor:
+        maps = stage_anomaly_maps(t, s, size)
+        if self.memory_bank is None:
+            return maps
+        bank = F.interpolate(self.memory_bank(t), size=(size[0], size[1]), mode="bilinear", align_corners=False)
+        return torch.cat([maps, bank], dim=1)
 
     def forward(self, x: torch.Tensor):
         t, s = self.features(x)
@@ -208,7 +229,11 @@ class MultiAD(nn.Module):
             return {"teacher": t, "student": s}
         # the maps are small next to the networks: fuse them in float32 even under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
-            fused = self.fusion.fuse_features([f.float() for f in t], [f.float() for f in s], x.shape[-2:])
+            t, s = [f.float() for f in t], [f.float() for f in s]
+            if self.memory_bank is None:
+                fused = self.fusion.fuse_features(t, s, x.shape[-2:])
+            else:
+                fused = self.fusion.fuse_maps(self._maps(t, s, x.shape[-2:]))
             if self.foreground is not None:
                 fused = fused * self.foreground(x)
             return fused, self.fusion.score(fused)

@@ -9,6 +9,7 @@ from monai_multiad.transforms.anomaly import (
     SyntheticAnomalyD,
     SyntheticAnomalyd,
     SyntheticAnomalyDict,
+    corrupt_batch,
     perlin_mask,
     perlin_noise,
 )
@@ -48,7 +49,7 @@ from monai_multiad.transforms.volume_dict import (
 
 __all__ = [
     "ANOMALY_MODES", "SyntheticAnomaly", "SyntheticAnomalyD", "SyntheticAnomalyd", "SyntheticAnomalyDict",
-    "perlin_mask", "perlin_noise",
+    "corrupt_batch", "perlin_mask", "perlin_noise",
     "CT_WINDOWS", "FG_THRESHOLD", "MIN_FOREGROUND", "LoadVolume", "ScaleIntensityByModality", "SliceGeometry",
     "SlicesToVolume", "VolumeToSlices", "foreground_slices", "labelled_slices", "load_volume", "scale_intensity",
     "slice_affine", "slice_foreground", "slice_geometry", "slices_to_volume", "volume_to_slices",

@@ -32,7 +32,7 @@ from monai.utils import convert_to_tensor
 
 from monai_multiad.errors import input_error
 
-__all__ = ["ANOMALY_MODES", "SyntheticAnomaly", "SyntheticAnomalyd", "SyntheticAnomalyD", "SyntheticAnomalyDict",
+__all__ = ["ANOMALY_MODES", "SyntheticAnomaly", "corrupt_batch", "SyntheticAnomalyd", "SyntheticAnomalyD", "SyntheticAnomalyDict",
            "perlin_noise", "perlin_mask"]
 
 ANOMALY_MODES = ("texture", "hyper", "hypo", "patch")
@@ -223,3 +223,23 @@ class SyntheticAnomalyd(MapTransform, Randomizable):
 
 
 SyntheticAnomalyD = SyntheticAnomalyDict = SyntheticAnomalyd
+
+
+def corrupt_batch(images: torch.Tensor, transform: SyntheticAnomaly, fraction: float,
+                  foreground_threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch ``(B, C, H, W)`` with a ``fraction`` of its images corrupted by ``transform``, and the masks
+    ``(B, 1, H, W)``; the ``"patch"`` source of image i is image i + 1 of the batch. With
+    ``foreground_threshold`` the anomalies stay where the image's mean intensity is above it (the body or
+    head of a scan). Which images are corrupted is drawn from the transform's generator."""
+    out, masks = images.clone(), torch.zeros(images.shape[0], 1, *images.shape[-2:], device=images.device)
+    if fraction <= 0:
+        return out, masks
+    cpu = images.detach().float().cpu()
+    for i in range(cpu.shape[0]):
+        if float(torch.rand(1, generator=transform.generator)) >= fraction:
+            continue
+        fg = cpu[i].mean(0) > foreground_threshold if foreground_threshold is not None else None
+        y, m = transform(cpu[i], source=cpu[(i + 1) % cpu.shape[0]] if cpu.shape[0] > 1 else None, foreground=fg)
+        out[i] = y.to(out)
+        masks[i] = m.to(masks)
+    return out, masks
