@@ -85,6 +85,10 @@ STUDY: dict[str, dict] = {
     "def_dn100": {"train": {"denoise_fraction": 1.0}},
     "def+bank": {"from": "def", "refit": {"memory_bank": 4096}},
     "def_dn50+bank": {"from": "def_dn50", "refit": {"memory_bank": 4096}},
+    # a segmentation head trained on synthetic anomalies over the frozen teacher and student (DeSTSeg)
+    "def+head": {"from": "def", "refit": {"segmentation_head_steps": 300}},
+    "def_dn50+head": {"from": "def_dn50", "refit": {"segmentation_head_steps": 300}},
+    "def_dn50+head+bank": {"from": "def_dn50", "refit": {"segmentation_head_steps": 300, "memory_bank": 4096}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
@@ -207,10 +211,13 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     # the fusion is refitted below (a memory bank adds a map to it); a new bank is filled below
     state = {k: v for k, v in network.state_dict().items() if not k.startswith("fusion.")}
     missing, unexpected = refit.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith(("fusion.", "memory_bank.")) for k in missing):
+    if unexpected or any(not k.startswith(("fusion.", "memory_bank.", "segmentation_head.")) for k in missing):
         raise SystemExit(f"study variant {config}: refit cannot change the networks ({unexpected or missing})")
     refit.to(device)
     train_ds, val_ds = workflow.build_datasets(cfg, "train")
+    t_bank = time.perf_counter()
+    head_loss = workflow.train_segmentation_head(cfg, refit, train_ds, device)
+    head_seconds = time.perf_counter() - t_bank
     t_bank = time.perf_counter()
     bank = fit_memory_bank(refit, workflow.fixed_normals_loader(train_ds, cfg), device, seed=cfg.seed)
     bank_seconds = time.perf_counter() - t_bank
@@ -231,7 +238,8 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     metrics = inference.evaluate(run_dir, device=args.device)
     row = {**base, "config": config, **{k: metrics[k] for k in METRICS},
            "eval_seconds": round(time.perf_counter() - t0, 1), "refit_seconds": round(refit_seconds, 1),
-           "memory_bank": bank, "bank_seconds": round(bank_seconds, 1), "run_dir": str(run_dir), "options": cfg.to_dict(), "from": spec["from"]}
+           "memory_bank": bank, "bank_seconds": round(bank_seconds, 1),
+           "segmentation_head_loss": head_loss, "head_seconds": round(head_seconds, 1), "run_dir": str(run_dir), "options": cfg.to_dict(), "from": spec["from"]}
     print("[accuracy] " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS), file=sys.stderr, flush=True)
     return row
 

@@ -71,6 +71,9 @@ class RunConfig:
     feature_norm: bool = _opt(False, "standardise teacher features per channel with normal-image statistics")
     memory_bank: int = _opt(0, "entries of a memory bank of normal teacher features (a coreset, PatchCore's k-NN "
                             "map) whose map joins the fusion; 0 = none")
+    segmentation_head_steps: int = _opt(0, "train a segmentation head on the frozen teacher's and student's features "
+                                        "to draw synthetic anomalies' masks, for this many iterations after the "
+                                        "student; its map joins the fusion (0 = no head)")
     foreground: str = _opt("auto", "zero the map outside the body/head found in the scan; auto = on for volumes",
                            choices=("auto", "on", "off"))
     # training
@@ -134,6 +137,8 @@ class RunConfig:
             raise MultiADInputError(f"option d_update_every must be >= 1, got {self.d_update_every}")
         if not 0.0 <= self.hard_mining < 1.0:
             raise MultiADInputError(f"option hard_mining must be a quantile in [0, 1), got {self.hard_mining}")
+        if self.segmentation_head_steps < 0:
+            raise MultiADInputError(f"option segmentation_head_steps must be >= 0, got {self.segmentation_head_steps}")
         if self.memory_bank < 0:
             raise MultiADInputError(f"option memory_bank must be 0 (none) or a number of entries, got {self.memory_bank}")
         if not 0.0 <= self.denoise_fraction <= 1.0:
@@ -233,6 +238,7 @@ class RunConfig:
             "feature_norm": self.feature_norm,
             "foreground": self.foreground == "on",
             "memory_bank": self.memory_bank,
+            "segmentation_head": self.segmentation_head_steps > 0,
         }
 
 

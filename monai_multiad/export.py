@@ -195,10 +195,12 @@ def network_def_config(model_or_run: MultiAD | str | Path) -> dict:
             "fusion_mode": fusion.mode,
             "fuse": fusion.fuse,
             "sigma": fusion.sigma,
-            "stages": tuple(fusion.stages),
+            "stages": tuple(k for k in fusion.stages if k <= len(m.teacher.out_channels)),  # the bank's, head's follow
             "score_topk": fusion.score_topk,
             "feature_norm": m.feature_norm,
             "foreground": m.foreground is not None,
+            "memory_bank": int(m.memory_bank.bank.shape[0]) if m.memory_bank is not None else 0,
+            "segmentation_head": m.segmentation_head is not None,
         }
         if m.discriminator is not None:
             kwargs["discriminator_channels"] = _discriminator_channels(m)

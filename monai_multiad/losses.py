@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["normalized", "distillation_losses", "DistillationLoss", "DiscriminatorLoss", "AdversarialLoss"]
+__all__ = ["normalized", "distillation_losses", "DistillationLoss", "DiscriminatorLoss", "AdversarialLoss",
+           "SegmentationLoss"]
 
 
 def normalized(features: torch.Tensor) -> torch.Tensor:
@@ -96,3 +97,20 @@ class AdversarialLoss(nn.Module):
     def forward(self, discriminator: nn.Module, student_top: torch.Tensor) -> torch.Tensor:
         logits = discriminator(with_noise(normalized(student_top), self.instance_noise))
         return self.bce(logits, torch.ones_like(logits))
+
+
+class SegmentationLoss(nn.Module):
+    """Focal loss plus L1 between the head's probabilities and the anomaly share of each position
+    (DeSTSeg's loss): ``focal_weight * focal(p, m > 0.5) + mean |p - m|``, ``p = sigmoid(logits)``."""
+
+    def __init__(self, gamma: float = 2.0, focal_weight: float = 1.0) -> None:
+        super().__init__()
+        self.gamma, self.focal_weight = float(gamma), float(focal_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logits)
+        hard = (target > 0.5).to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits, hard, reduction="none")
+        p_true = torch.where(hard > 0, p, 1.0 - p)
+        focal = ((1.0 - p_true).pow(self.gamma) * bce).mean()
+        return self.focal_weight * focal + (p - target).abs().mean()

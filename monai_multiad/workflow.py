@@ -76,6 +76,8 @@ __all__ = [
     "resume_or_start",
     "run_training",
     "finish_run",
+    "build_anomaly",
+    "train_segmentation_head",
     "train",
     "load_model",
     "save_model",
@@ -264,7 +266,7 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         d_instance_noise=cfg.d_instance_noise,
         d_update_every=cfg.d_update_every,
         denoise_fraction=cfg.denoise_fraction,
-        anomaly=SyntheticAnomaly([m for m in cfg.synthetic_anomalies if m != "auto"] or ["texture"], seed=cfg.seed),
+        anomaly=build_anomaly(cfg),
         anomaly_foreground=FG_THRESHOLD if cfg.foreground == "on" else None,
         train_handlers=handlers,
     )
@@ -380,6 +382,33 @@ def run_training(trainer: MultiADTrainer) -> bool:
     return interrupted
 
 
+def build_anomaly(cfg: RunConfig) -> SyntheticAnomaly:
+    """The synthetic anomalies of ``cfg`` (``synthetic_anomalies``, settled by :func:`resolve_options`)."""
+    return SyntheticAnomaly([m for m in cfg.synthetic_anomalies if m != "auto"] or ["texture"], seed=cfg.seed)
+
+
+def train_segmentation_head(cfg: RunConfig, network: MultiAD, train_ds: Dataset, device: torch.device,
+                            fraction: float = 0.5) -> float | None:
+    """Train ``network``'s segmentation head (when it has one) for ``cfg.segmentation_head_steps`` iterations
+    on ``train_ds``'s normal images, half of them with synthetic anomalies (Adam, lr 1e-3). Returns the
+    mean loss of the last 20 iterations (``None`` without a head)."""
+    if network.segmentation_head is None or cfg.segmentation_head_steps <= 0:
+        return None
+    from monai_multiad.engines.head_trainer import SegmentationHeadTrainer
+
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(train_ds) > cfg.batch_size)
+    optimizer = torch.optim.Adam(network.segmentation_head.parameters(), lr=1e-3)
+    trainer = SegmentationHeadTrainer(device, cfg.segmentation_head_steps, loader, network, optimizer,
+                                      build_anomaly(cfg), fraction,
+                                      FG_THRESHOLD if cfg.foreground == "on" else None)
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["segmentation"]))
+    trainer.run()
+    network.eval()
+    return round(sum(losses[-20:]) / len(losses[-20:]), 4)
+
+
 def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str | Path, best: Checkpoint,
                log: EpochLog, recalibration: BatchNormRecalibration, train_images: int) -> dict:
     """End a training run (after :func:`run_training`): load the best epoch's weights by validation
@@ -397,7 +426,9 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
                                                          weights_only=True))
     else:
         recalibration()
-    # the memory bank (when the model has one) from all normal training images, before the fusion
+    # the segmentation head and the memory bank (when the model has them) from the normal training
+    # images, before the fusion that standardises their maps
+    head_loss = train_segmentation_head(cfg, network, recalibration.loader.dataset, device)
     bank = fit_memory_bank(network, recalibration.loader, device, seed=cfg.seed)
     fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
     summary = {
@@ -412,6 +443,7 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
         "device": _device_name(device),
         "fusion": fusion_stats,
         "memory_bank": bank,
+        "segmentation_head_loss": head_loss,
     }
     if idist.get_rank() == 0:
         run_dir = Path(run_dir)

@@ -103,3 +103,50 @@ def test_memory_bank_joins_the_fusion_and_survives_a_save():
         assert torch.allclose(again.eval()(x)[1], score)
     assert fit_memory_bank(MultiAD(**{**kwargs, "memory_bank": 0}), [{"image": x}]) == 0
     assert RunConfig(memory_bank=32).model_kwargs()["memory_bank"] == 32
+
+
+def test_segmentation_head_learns_to_draw_synthetic_masks_and_joins_the_fusion():
+    """A few steps on one batch of anomalies lower the head's loss; its logit map is the fusion's last map."""
+    from monai_multiad.engines.head_trainer import SegmentationHeadTrainer
+    from monai_multiad.losses import SegmentationLoss
+
+    torch.manual_seed(0)
+    net = MultiAD("resnet18", in_channels=1, pretrained=False, discriminator=False, segmentation_head=True)
+    assert net.fusion.num_stages == 5
+    images = torch.rand(4, 1, 64, 64) * 0.5 + 0.25
+    student_before = [p.detach().clone() for p in net.student.parameters()]
+    losses = []
+    anomaly = SyntheticAnomaly("hyper", seed=0)
+    trainer = SegmentationHeadTrainer("cpu", 15, [{"image": images}], net,
+                                      torch.optim.Adam(net.segmentation_head.parameters(), lr=1e-2), anomaly, 1.0)
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["segmentation"]))
+    trainer.run()
+    assert len(losses) == 15 and sum(losses[-3:]) < sum(losses[:3])
+    assert all(torch.equal(a, b) for a, b in zip(student_before, net.student.parameters()))  # frozen
+    with torch.no_grad():
+        net.eval()
+        t, s = net.features(images)
+        maps = net.stage_maps(images)
+        head = torch.nn.functional.interpolate(net.segmentation_head(t, s), size=(64, 64), mode="bilinear",
+                                               align_corners=False)
+        assert torch.allclose(maps[:, -1:], head, atol=1e-5)
+    loss = SegmentationLoss()
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :2] = 1.0
+    assert float(loss(torch.full_like(target, 20.0) * (2 * target - 1), target)) < 1e-3  # right and sure: ~0
+    assert float(loss(torch.full_like(target, -20.0) * (2 * target - 1), target)) > 1.0  # wrong and sure
+
+
+def test_segmentation_head_steps_option_builds_and_trains_the_head():
+    from monai_multiad.workflow import train_segmentation_head
+
+    cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=False, segmentation_head_steps=3,
+                    batch_size=2, synthetic_anomalies=["texture"], in_channels=1)
+    net = build_network(cfg)
+    assert net.segmentation_head is not None
+    ds = [{"image": torch.rand(1, 64, 64)} for _ in range(5)]
+    assert isinstance(train_segmentation_head(cfg, net, ds, torch.device("cpu")), float)
+    assert train_segmentation_head(RunConfig(), MultiAD("resnet18", pretrained=False, discriminator=False),
+                                   ds, torch.device("cpu")) is None

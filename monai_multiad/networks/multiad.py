@@ -18,6 +18,7 @@ from monai_multiad.networks.folding import fold_batchnorm
 from monai_multiad.networks.foreground import ForegroundMask
 from monai_multiad.networks.fusion import AnomalyMapFusion, stage_anomaly_maps
 from monai_multiad.networks.memory_bank import MemoryBank
+from monai_multiad.networks.segmentation_head import SegmentationHead
 
 __all__ = ["MultiAD"]
 
@@ -53,7 +54,11 @@ class MultiAD(nn.Module):
         memory_bank: size of a coreset of normal teacher features whose k-NN distance map
             (:class:`~monai_multiad.networks.memory_bank.MemoryBank`, PatchCore's map) joins the fusion
             as one more map after the stages' (0 = none); filled by
-            :func:`~monai_multiad.engines.evaluator.fit_memory_bank`. With ``fuse=False`` it is the map used.
+            :func:`~monai_multiad.engines.evaluator.fit_memory_bank`.
+        segmentation_head: a :class:`~monai_multiad.networks.segmentation_head.SegmentationHead` whose
+            logit map (trained on synthetic anomalies by
+            :class:`~monai_multiad.engines.head_trainer.SegmentationHeadTrainer`) joins the fusion after
+            the stages' and the bank's. With ``fuse=False`` the last of these maps is the one used.
         score_topk: image score = mean of the top fraction of map pixels (0 = maximum).
         feature_norm: standardise the teacher's features channel by channel with statistics of
             normal images (:meth:`set_feature_statistics`) before the student imitates them.
@@ -86,6 +91,7 @@ class MultiAD(nn.Module):
         feature_norm: bool = False,
         foreground: bool = False,
         memory_bank: int = 0,
+        segmentation_head: bool = False,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -104,9 +110,12 @@ class MultiAD(nn.Module):
         )
         k = len(self.teacher.out_channels)
         self.memory_bank = MemoryBank(self.teacher.out_channels, size=memory_bank) if memory_bank > 0 else None
-        if self.memory_bank is not None:  # the bank's map is one more map of the fusion, after the stages'
-            stages = (*(stages or range(1, k + 1)), k + 1)
-        self.fusion = AnomalyMapFusion(k + (self.memory_bank is not None), mode=fusion_mode, sigma=sigma, fuse=fuse,
+        self.segmentation_head = SegmentationHead(self.teacher.out_channels) if segmentation_head else None
+        # the bank's and the head's maps are more maps of the fusion, after the stages', in this order
+        extra = (self.memory_bank is not None) + (self.segmentation_head is not None)
+        if extra:
+            stages = (*(stages or range(1, k + 1)), *range(k + 1, k + 1 + extra))
+        self.fusion = AnomalyMapFusion(k + extra, mode=fusion_mode, sigma=sigma, fuse=fuse,
                                        stages=stages, score_topk=score_topk)
         self.feature_norm = bool(feature_norm)
         for k, c in enumerate(self.teacher.out_channels):  # identity until fitted; saved with the model
@@ -211,17 +220,19 @@ class MultiAD(nn.Module):
             getattr(self, f"feature_std{k}").copy_(std.view(1, -1, 1, 1))
 
     def stage_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-stage maps ``1 - cos(F_Tk, F_Sk)`` upsampled to the input size: (B, 4, H, W); with a
-        memory bank its k-NN distance map follows as a fifth."""
+        """Per-stage maps ``1 - cos(F_Tk, F_Sk)`` upsampled to the input size: (B, 4, H, W); the memory
+        bank's k-NN distance map and the segmentation head's logit map follow when the model has them."""
         t, s = self.features(x)
         return self._maps(t, s, x.shape[-2:])
 
     def _maps(self, t, s, size) -> torch.Tensor:
-        maps = stage_anomaly_maps(t, s, size)
-        if self.memory_bank is None:
-            return maps
-        bank = F.interpolate(self.memory_bank(t), size=(size[0], size[1]), mode="bilinear", align_corners=False)
-        return torch.cat([maps, bank], dim=1)
+        maps = [stage_anomaly_maps(t, s, size)]
+        if self.memory_bank is not None:
+            maps.append(self.memory_bank(t))
+        if self.segmentation_head is not None:
+            maps.append(self.segmentation_head(t, s))
+        return torch.cat([maps[0]] + [F.interpolate(m, size=(size[0], size[1]), mode="bilinear", align_corners=False)
+                                      for m in maps[1:]], dim=1)
 
     def forward(self, x: torch.Tensor):
         t, s = self.features(x)
@@ -230,7 +241,7 @@ class MultiAD(nn.Module):
         # the maps are small next to the networks: fuse them in float32 even under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
             t, s = [f.float() for f in t], [f.float() for f in s]
-            if self.memory_bank is None:
+            if self.memory_bank is None and self.segmentation_head is None:
                 fused = self.fusion.fuse_features(t, s, x.shape[-2:])
             else:
                 fused = self.fusion.fuse_maps(self._maps(t, s, x.shape[-2:]))
