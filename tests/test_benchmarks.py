@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/speed.py and benchmarks/accuracy.py on tiny inputs (CPU, no data needed)."""
+"""Smoke tests of benchmarks/speed.py, benchmarks/extra_maps_speed.py and benchmarks/accuracy.py on tiny
+inputs (CPU, no data needed)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def test_speed_smoke(tmp_path):
     (volume,) = report["volume"]
     assert volume["status"] == "ok" or volume["status"].startswith("skipped"), volume
     assert "| resnet18 | cpu | 1 |" in md.read_text()
+
+
+def test_extra_maps_speed_times_every_variant(tmp_path):
+    rows = _load("extra_maps_speed").main(["--batch-size", "1", "--image-size", "64", "--repeats", "1", "--bank", "32",
+                                           "--threads", "1", "--out", str(tmp_path / "extra.json")])
+    assert [r["variant"] for r in rows] == ["plain", "bank", "head", "bank+head"]
+    assert rows[0]["ratio"] == 1.0 and all(r["ms_per_batch"] > 0 for r in rows)
+    assert json.loads((tmp_path / "extra.json").read_text())["rows"] == rows
 
 
 def test_speed_cohort_mode_times_a_folder_per_worker_count(tmp_path):
