@@ -316,7 +316,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset-dir", required=True, help="MVTec AD root or category, BMAD root, or volume folder")
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, runs/)")
     p.add_argument("--categories", nargs="+", help="MVTec AD root: only these categories (default: all)")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=("efficientnet_lite0", "se_resnet50", "resnet18"))
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "se_resnet50", "resnet18"))
     p.add_argument("--pretrained", help="teacher weights: imagenet (default; resnet18: none, a random teacher "
                    "for smoke tests only), none, or a .pth file")
     p.add_argument("--epochs", type=int, default=20)

