@@ -30,14 +30,18 @@ def greedy_coreset(points: torch.Tensor, size: int, generator: torch.Generator, 
     if points.shape[1] > projection:
         proj = torch.randn(points.shape[1], projection, generator=generator, dtype=points.dtype) / math.sqrt(projection)
         points = points @ proj.to(points.device)
+    sq = points.pow(2).sum(1)
     chosen = torch.empty(size, dtype=torch.long)
     first = int(torch.randint(n, (1,), generator=generator))
     chosen[0] = first
-    nearest = (points - points[first]).pow(2).sum(1)
+    # |p - p_j|^2 = |p|^2 - 2 p.p_j + |p_j|^2: one matrix-vector product a step, no (N, C) temporaries
+    nearest = torch.addmv(sq, points, points[first], alpha=-2.0).add_(sq[first])
+    dist = torch.empty_like(nearest)
     for i in range(1, size):
         j = int(nearest.argmax())
         chosen[i] = j
-        torch.minimum(nearest, (points - points[j]).pow(2).sum(1), out=nearest)
+        torch.addmv(sq, points, points[j], alpha=-2.0, out=dist)
+        torch.minimum(nearest, dist.add_(sq[j]), out=nearest)
     return chosen
 
 
