@@ -76,19 +76,25 @@ STUDY: dict[str, dict] = {
     "def_hard99": {"train": {"hard_mining": 0.99}},
     "def_batch8": {"train": {"batch_size": 8, "max_steps": 600}},
     "def_x4": {"train": {"max_steps": 1200}},
-    # negative examples and a second opinion: the defaults as they are, a denoising student (the
-    # student sees synthetic anomalies in half or all of the training images, the teacher the clean
-    # images), and a memory bank of normal teacher features (PatchCore's k-NN map) fused with the
-    # student's maps, on either student
+    # negative examples and a second opinion. "st" is the student alone (the defaults before this
+    # part of the study); then a denoising student (it sees synthetic anomalies in half or all of
+    # the training images, the teacher the clean images), a memory bank of normal teacher features
+    # (PatchCore's k-NN map) fused with the student's maps, at three sizes, and a segmentation head
+    # trained on synthetic anomalies over the frozen teacher and student (DeSTSeg)
+    "st": {"train": {"denoise_fraction": 0.0, "memory_bank": 0}},
+    "st_dn50": {"train": {"denoise_fraction": 0.5, "memory_bank": 0}},
+    "st_dn100": {"train": {"denoise_fraction": 1.0, "memory_bank": 0}},
+    "st+bank": {"from": "st", "refit": {"memory_bank": 4096}},
+    "st_dn50+bank": {"from": "st_dn50", "refit": {"memory_bank": 4096}},
+    "st_dn50+bank1024": {"from": "st_dn50", "refit": {"memory_bank": 1024}},
+    "st_dn50+bank2048": {"from": "st_dn50", "refit": {"memory_bank": 2048}},
+    "st+head": {"from": "st", "refit": {"segmentation_head_steps": 300}},
+    "st_dn50+head": {"from": "st_dn50", "refit": {"segmentation_head_steps": 300}},
+    "st_dn50+head+bank": {"from": "st_dn50", "refit": {"segmentation_head_steps": 300, "memory_bank": 4096}},
+    # the defaults chosen by that comparison (st_dn50+bank), trained in one run, and the larger teachers
     "def": {"train": {}},
-    "def_dn50": {"train": {"denoise_fraction": 0.5}},
-    "def_dn100": {"train": {"denoise_fraction": 1.0}},
-    "def+bank": {"from": "def", "refit": {"memory_bank": 4096}},
-    "def_dn50+bank": {"from": "def_dn50", "refit": {"memory_bank": 4096}},
-    # a segmentation head trained on synthetic anomalies over the frozen teacher and student (DeSTSeg)
-    "def+head": {"from": "def", "refit": {"segmentation_head_steps": 300}},
-    "def_dn50+head": {"from": "def_dn50", "refit": {"segmentation_head_steps": 300}},
-    "def_dn50+head+bank": {"from": "def_dn50", "refit": {"segmentation_head_steps": 300, "memory_bank": 4096}},
+    "def_lite1": {"train": {"backbone": "efficientnet_lite1"}},
+    "def_lite2": {"train": {"backbone": "efficientnet_lite2"}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},

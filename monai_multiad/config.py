@@ -71,11 +71,12 @@ class RunConfig:
                                   choices=("mean", "zscore", "quantile"))
     score_topk: float = _opt(0.0, "image score: mean of the top fraction of map pixels (0 = the map's maximum)")
     feature_norm: bool = _opt(False, "standardise teacher features per channel with normal-image statistics")
-    memory_bank: int = _opt(0, "entries of a memory bank of normal teacher features (a coreset, PatchCore's k-NN "
-                            "map) whose map joins the fusion; 0 = none")
-    segmentation_head_steps: int = _opt(0, "train a segmentation head on the frozen teacher's and student's features "
+    memory_bank: int = _opt(4096, "entries of a memory bank of normal teacher features (a coreset, PatchCore's k-NN "
+                            "map) whose map joins the fusion; 0 = none (the paper's model)")
+    segmentation_head_steps: int = _opt(300, "train a segmentation head on the frozen teacher's and student's features "
                                         "to draw synthetic anomalies' masks, for this many iterations after the "
-                                        "student; its map joins the fusion (0 = no head)")
+                                        "student (at most as many as the student's); its map joins the fusion "
+                                        "(0 = no head, the paper's model)")
     foreground: str = _opt("auto", "zero the map outside the body/head found in the scan; auto = on for volumes",
                            choices=("auto", "on", "off"))
     # training
@@ -96,8 +97,8 @@ class RunConfig:
     augment_flips: bool = _opt(False, "random left-right / up-down flips of the training images (textures, parts)")
     hard_mining: float = _opt(0.9, "distil only positions whose distance is above this quantile of the batch's "
                               "(e.g. 0.9; 0 = all positions)")
-    denoise_fraction: float = _opt(0.0, "share of training images the student sees with a synthetic anomaly while "
-                                   "the teacher sees them clean (a denoising student; 0 = off)")
+    denoise_fraction: float = _opt(0.5, "share of training images the student sees with a synthetic anomaly while "
+                                   "the teacher sees them clean (a denoising student; 0 = off, the paper's)")
     synthetic_anomalies: list = _opt(("auto",), "kinds of synthetic anomaly drawn from: texture (Perlin region "
                                      "with a self-sourced texture), hyper, hypo (brighter/darker region), patch "
                                      "(the region of another training image); auto = hyper, hypo and patch for "

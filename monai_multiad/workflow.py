@@ -388,18 +388,19 @@ def build_anomaly(cfg: RunConfig) -> SyntheticAnomaly:
 
 
 def train_segmentation_head(cfg: RunConfig, network: MultiAD, train_ds: Dataset, device: torch.device,
-                            fraction: float = 0.5) -> float | None:
-    """Train ``network``'s segmentation head (when it has one) for ``cfg.segmentation_head_steps`` iterations
-    on ``train_ds``'s normal images, half of them with synthetic anomalies (Adam, lr 1e-3). Returns the
-    mean loss of the last 20 iterations (``None`` without a head)."""
-    if network.segmentation_head is None or cfg.segmentation_head_steps <= 0:
+                            fraction: float = 0.5, steps: int | None = None) -> float | None:
+    """Train ``network``'s segmentation head (when it has one) for ``steps`` iterations (default
+    ``cfg.segmentation_head_steps``) on ``train_ds``'s normal images, half of them with synthetic
+    anomalies (Adam, lr 1e-3). Returns the mean loss of the last 20 iterations (``None`` without a head)."""
+    steps = cfg.segmentation_head_steps if steps is None else int(steps)
+    if network.segmentation_head is None or steps <= 0:
         return None
     from monai_multiad.engines.head_trainer import SegmentationHeadTrainer
 
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                         generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(train_ds) > cfg.batch_size)
     optimizer = torch.optim.Adam(network.segmentation_head.parameters(), lr=1e-3)
-    trainer = SegmentationHeadTrainer(device, cfg.segmentation_head_steps, loader, network, optimizer,
+    trainer = SegmentationHeadTrainer(device, steps, loader, network, optimizer,
                                       build_anomaly(cfg), fraction,
                                       FG_THRESHOLD if cfg.foreground == "on" else None)
     losses: list[float] = []
@@ -427,8 +428,11 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
     else:
         recalibration()
     # the segmentation head and the memory bank (when the model has them) from the normal training
-    # images, before the fusion that standardises their maps
-    head_loss = train_segmentation_head(cfg, network, recalibration.loader.dataset, device)
+    # images, before the fusion that standardises their maps; the head never trains for more
+    # iterations than the student did (a short run stays short)
+    head_steps = 0 if network.segmentation_head is None else min(cfg.segmentation_head_steps,
+                                                                 max(1, trainer.state.iteration))
+    head_loss = train_segmentation_head(cfg, network, trainer.data_loader.dataset, device, steps=head_steps)
     bank = fit_memory_bank(network, recalibration.loader, device, seed=cfg.seed)
     fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
     summary = {
@@ -444,6 +448,7 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
         "fusion": fusion_stats,
         "memory_bank": bank,
         "segmentation_head_loss": head_loss,
+        "segmentation_head_iterations": head_steps,
     }
     if idist.get_rank() == 0:
         run_dir = Path(run_dir)

@@ -66,6 +66,10 @@ def test_run_folder_contents(trained_run):
     assert list((trained_run / "checkpoints").glob("best_checkpoint_*.pt"))
     summary = json.loads((trained_run / "metrics.json").read_text())["training"]
     assert summary["epochs"] == 2 and summary["fusion"]["threshold"] > 0
+    # the defaults' extra maps: a memory bank filled from the normals (fewer positions than its 4096
+    # entries here) and a segmentation head trained for no more iterations than the student
+    assert 0 < summary["memory_bank"] <= 4096 and isinstance(summary["segmentation_head_loss"], float)
+    assert summary["segmentation_head_iterations"] == min(300, summary["iterations"])
     model, cfg, fusion = load_model(trained_run)
     assert cfg.image_size == 64 and model.fusion.fitted
     assert torch.allclose(model.fusion.scale, torch.tensor(fusion["stage_scale"]))
