@@ -56,7 +56,13 @@ def save_model(path: str | Path, network: MultiAD, cfg: RunConfig, fusion_stats:
     if getattr(network, "batchnorm_folded", False):
         raise ValueError("a network whose BatchNorm layers were folded for inference cannot be saved: "
                          "save the network as trained")
-    payload = {"config": cfg.to_dict(), "state_dict": network.state_dict(), "fusion": fusion_stats or {}}
+    config = cfg.to_dict()
+    # the options recorded describe the network saved: its optional maps are the ones it has
+    bank = getattr(network, "memory_bank", None)
+    config["memory_bank"] = int(bank.bank.shape[0]) if bank is not None else 0
+    if getattr(network, "segmentation_head", None) is None:
+        config["segmentation_head_steps"] = 0
+    payload = {"config": config, "state_dict": network.state_dict(), "fusion": fusion_stats or {}}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

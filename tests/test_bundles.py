@@ -159,9 +159,10 @@ def test_industrial_train_evaluate_inference(industrial):
     assert [p.name for p in (run / "checkpoints").glob("last_checkpoint_*.pt")] == ["last_checkpoint_2.pt"]
     (best,) = (run / "checkpoints").glob("best_checkpoint_1_neg_val_loss=*.pt")
     # the same options, from the same defaults, as the CLI: only the bundle's fixed ones and the overrides differ
-    # (foreground "auto" is settled to "off" for 2D images, as `multiad train` records it)
+    # (foreground "auto" is settled to "off" and synthetic_anomalies "auto" to texture for 2D images, as
+    # `multiad train` records them)
     expected = RunConfig(dataset_dir=str(industrial["data"]), layout="mvtec", in_channels=3, device="cpu",
-                         foreground="off", **TINY)
+                         foreground="off", synthetic_anomalies=["texture"], **TINY)
     assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(expected.to_dict()))
     # batch_size 8 is the global batch: 11 training images, 6 per rank, 4 per step -> 2 steps on each rank
     summary = json.loads((run / "metrics.json").read_text())["training"]

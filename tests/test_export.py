@@ -115,7 +115,7 @@ def test_ckpt_export_from_run_folder(model, tmp_path):
     from monai.bundle import ckpt_export
 
     cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=True, discriminator_channels=[8],
-                    image_size=SIZE)
+                    image_size=SIZE, memory_bank=0, segmentation_head_steps=0)  # the fixture's model
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_model(run_dir / "model.pt", model, cfg)

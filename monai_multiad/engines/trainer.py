@@ -136,6 +136,7 @@ class MultiADTrainer(Trainer):
         self.d_update_every = int(d_update_every)
         self.denoise_fraction = float(denoise_fraction)
         self.anomaly = anomaly if anomaly is not None else SyntheticAnomaly(seed=seed if seed is not None else 0)
+        self.anomaly_seed = int(seed if seed is not None else 0)
         self.anomaly_foreground = anomaly_foreground
         distributed = idist.get_world_size() > 1
         self.student = idist.auto_model(network.student, sync_bn=False) if distributed else network.student
@@ -182,6 +183,9 @@ class MultiADTrainer(Trainer):
         d_net = engine.discriminator
         corrupted = None
         if engine.denoise_fraction > 0:
+            # the anomalies drawn follow from the seed and the iteration alone, so a resumed run
+            # corrupts the same images in the same way as an uninterrupted one
+            engine.anomaly.generator.manual_seed(engine.anomaly_seed * 1_000_003 + engine.state.iteration)
             corrupted, _ = corrupt_batch(images, engine.anomaly, engine.denoise_fraction, engine.anomaly_foreground)
         with engine._autocast():
             teacher, student = net.features(images, student=engine.student, student_input=corrupted)
