@@ -276,7 +276,7 @@ def test_brain_train_evaluate_screen(brain):
     evaluated = _scores_csv(brain["root"] / "eval" / "scores.csv")
     assert evaluated.keys() == reference["scores"].keys()
     for path, score in evaluated.items():
-        assert score == pytest.approx(reference["scores"][path], rel=1e-6, abs=1e-9), path
+        assert score == pytest.approx(reference["scores"][path], rel=1e-5, abs=1e-8), path  # float32 sums in another order
 
     # a top-level option of `multiad screen` (--map-format) given to inference.json takes effect
     proc = bundle("multiad_brain_mri", "run", "--config_file", "configs/inference.json", "--bundle_root",
