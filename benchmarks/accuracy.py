@@ -91,7 +91,7 @@ STUDY: dict[str, dict] = {
     "st+head": {"from": "st", "refit": {"segmentation_head_steps": 300}},
     "st_dn50+head": {"from": "st_dn50", "refit": {"segmentation_head_steps": 300}},
     "st_dn50+head+bank": {"from": "st_dn50", "refit": {"segmentation_head_steps": 300, "memory_bank": 4096}},
-    # the defaults chosen by that comparison (st_dn50+bank), trained in one run, and the larger teachers
+    # the defaults chosen by that comparison (st_dn50+head+bank), trained in one run, and the larger teachers
     "def": {"train": {}},
     "def_lite1": {"train": {"backbone": "efficientnet_lite1"}},
     "def_lite2": {"train": {"backbone": "efficientnet_lite2"}},
