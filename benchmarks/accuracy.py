@@ -228,7 +228,7 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     bank = fit_memory_bank(refit, workflow.fixed_normals_loader(train_ds, cfg), device, seed=cfg.seed)
     bank_seconds = time.perf_counter() - t_bank
     if spec["refit"].get("bn_recalibrate", 0) > 0:  # re-estimate the student's BatchNorm statistics only
-        from monai_multiad.engines.batchnorm import BatchNormRecalibration
+        from monai_multiad.handlers import BatchNormRecalibration
 
         BatchNormRecalibration(refit, workflow.fixed_normals_loader(train_ds, cfg), cfg.bn_recalibrate, device)()
     run_dir = Path(args.out) / "runs" / config / name

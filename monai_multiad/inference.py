@@ -9,18 +9,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from ignite.engine import Events
 
 from monai_multiad.config import RunConfig
 from monai_multiad.engines.evaluator import MultiADEvaluator
 from monai_multiad.errors import MultiADInputError
+from monai_multiad.handlers import ScoreRows
 from monai_multiad.outputs import write_json, write_png, write_text
 from monai_multiad.metrics import AUPRO, F1Max, ImageAUROC, PixelAUROC
 from monai_multiad.visualize import contact_sheet, overlay
 from monai_multiad.workflow import build_datasets, build_loader, load_model, resolve_device
 
 __all__ = ["evaluate", "predict", "score_images", "anomaly_metrics", "format_table", "evaluation_config",
-           "evaluation_dataset", "mask_coverage", "ScoreRows", "run_evaluation", "write_evaluation", "score_and_label",
+           "evaluation_dataset", "mask_coverage", "run_evaluation", "write_evaluation", "score_and_label",
            "pixel_rows"]
 
 
@@ -100,25 +100,6 @@ def _pixel_note(dataset) -> str:
                 "(and the normal images)")
     return "computed on every test image"
 
-
-class ScoreRows:
-    """Evaluator handler: one row per test image (``path``, ``label``, ``score``, ``index`` in the
-    data set, and ``case``, ``slice_index`` for a slice of a volume), what ``scores.csv`` lists."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def attach(self, engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine) -> None:
-        o = engine.state.output
-        for i, score in enumerate(o["score"].tolist()):
-            row = {"path": o["path"][i], "label": int(o["label"][i]), "score": score, "index": len(self.rows)}
-            if "case" in o:  # a slice of a volume
-                row.update(case=o["case"][i], slice_index=int(o["slice_index"][i]))
-            self.rows.append(row)
 
 
 def run_evaluation(evaluator, cfg: RunConfig) -> None:

@@ -1,49 +1,39 @@
 """A run folder: what ``multiad train`` and the bundles' ``train.json`` write and every other command reads.
 
 ``config.json`` (the options used: :func:`start_run_folder`), ``model.pt`` (network weights + fusion
-statistics + config: :func:`save_model` / :func:`load_model`), ``checkpoints/``
-(``last_checkpoint_<iteration>.pt`` for ``--resume`` and ``best_checkpoint_<epoch>_neg_val_loss=<score>.pt``:
-the Ignite ``Checkpoint`` handlers :func:`last_checkpointer` and :func:`best_checkpointer`, written by
-:class:`CheckpointSaver`), ``log.csv`` and ``tensorboard/`` (:class:`EpochLog`) and ``metrics.json``.
-The device and memory layout a run's networks use (:func:`resolve_device`, :func:`on_device`) are chosen
-here too. Inference, screening, calibration and export import this module, not the training one; resuming a
-run into the same folder (:func:`load_training_checkpoint`, :func:`previous_log_rows`,
-:func:`adopt_checkpoints`) lives here too.
+statistics + config: :func:`save_model` / :func:`load_model`), ``checkpoints/`` (written by the Ignite
+handlers of :mod:`monai_multiad.handlers.checkpoint_saver`), ``log.csv`` and ``tensorboard/``
+(:class:`~monai_multiad.handlers.EpochLog`) and ``metrics.json``. The device and memory layout a run's
+networks use (:func:`resolve_device`, :func:`on_device`) are chosen here too. Inference, screening,
+calibration and export import this module, not the training one; resuming a run into the same folder
+(:func:`load_training_checkpoint`, :func:`adopt_checkpoints`) lives here too.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import torch
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
 
 from monai_multiad.config import MODEL_KEYS, RunConfig
 from monai_multiad.errors import MultiADInputError, WeightsError
-from monai_multiad.outputs import atomic_path, write_error
+from monai_multiad.outputs import atomic_path
 from monai_multiad.networks import MultiAD
 
 __all__ = [
-    "CheckpointSaver",
-    "EpochLog",
     "adopt_checkpoints",
-    "best_checkpointer",
     "check_compatible",
     "clear_checkpoints",
     "last_checkpoint_in",
-    "last_checkpointer",
     "load_model",
     "load_training_checkpoint",
     "on_device",
     "read_training_checkpoint",
     "resolve_device",
-    "previous_log_rows",
     "save_model",
     "start_run_folder",
 ]
@@ -135,33 +125,6 @@ def check_compatible(checkpoint_cfg: dict[str, Any], cfg: RunConfig, source: str
         raise WeightsError(f"{source}: checkpoint was made with {', '.join(diff)}")
 
 
-class CheckpointSaver(DiskSaver):
-    """Ignite's atomic ``DiskSaver`` with two changes for a run a user must be able to resume:
-    a checkpoint that a newer one replaces is removed only once the newer one is written (so a
-    failed write, e.g. a full disk, leaves the previous checkpoint in place), and a failed write
-    is an :class:`~monai_multiad.errors.OutputWriteError` naming the file, with no partial file left."""
-
-    def __init__(self, dirname: str | Path) -> None:
-        super().__init__(dirname, atomic=True, require_empty=False)
-        self._replaced: list[str] = []
-
-    def remove(self, filename: str) -> None:
-        self._replaced.append(filename)
-
-    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        folder = Path(self.dirname)
-        before = set(folder.iterdir()) if folder.is_dir() else set()
-        try:
-            super().__call__(checkpoint, filename, metadata)
-        except Exception as e:
-            for leftover in set(folder.iterdir()) - before if folder.is_dir() else ():
-                leftover.unlink(missing_ok=True)  # Ignite's temporary file, when closing it failed too
-            raise write_error(folder / filename, e) from e
-        replaced, self._replaced = self._replaced, []
-        for name in replaced:
-            if name != filename:
-                super().remove(name)
-
 
 def start_run_folder(run_dir: str | Path, cfg: RunConfig) -> Path:
     """Create the run folder and write its ``config.json`` (rank 0 only under ``ignite.distributed``).
@@ -175,114 +138,6 @@ def start_run_folder(run_dir: str | Path, cfg: RunConfig) -> Path:
     return run_dir
 
 
-#: what the best checkpoint holds, of a trainer's ``checkpoint_objects()``
-BEST_OBJECTS = ("student", "discriminator")
-
-
-def best_checkpointer(trainer, run_dir: str | Path) -> Checkpoint:
-    """The Ignite ``Checkpoint`` keeping the student (and discriminator) of the epoch with the lowest
-    validation loss as ``<run_dir>/checkpoints/best_checkpoint_<epoch>_neg_val_loss=<score>.pt``.
-    Attach it to the validation evaluator's ``COMPLETED`` (its key metric, ``state.metrics["val_loss"]``);
-    ``trainer`` is the :class:`~monai_multiad.engines.trainer.MultiADTrainer` (the epoch in the name)."""
-    objects = {k: v for k, v in trainer.checkpoint_objects().items() if k in BEST_OBJECTS}
-    return Checkpoint(
-        objects,
-        CheckpointSaver(Path(run_dir).absolute() / "checkpoints"),
-        filename_prefix="best",
-        # one name whatever the objects (Ignite names a lone object's file after its key)
-        filename_pattern="{filename_prefix}_checkpoint_{global_step}_{score_name}={score}.{ext}",
-        score_function=Checkpoint.get_default_score_fn("val_loss", -1.0),  # the evaluator's key metric, lower better
-        score_name="neg_val_loss",
-        n_saved=1,
-        global_step_transform=lambda *_: trainer.state.epoch,
-    )
-
-
-def last_checkpointer(trainer, run_dir: str | Path, best: Checkpoint | None = None,
-                      early_stopping: Any = None) -> Checkpoint:
-    """The Ignite ``Checkpoint`` writing ``<run_dir>/checkpoints/last_checkpoint_<iteration>.pt`` (the
-    newest only) with everything a resume needs: the trainer's ``checkpoint_objects()`` and also
-    ``best``'s record of the best checkpoint and ``early_stopping``'s count (when given), so that a
-    resumed run compares its epochs with those before the interruption. Attach it to the trainer's
-    ``EPOCH_COMPLETED``, after validation."""
-    run_state = {"best_checkpointer": best, "early_stopping": early_stopping}
-    objects = {**trainer.checkpoint_objects(), **{k: v for k, v in run_state.items() if v is not None}}
-    return Checkpoint(objects, CheckpointSaver(Path(run_dir).absolute() / "checkpoints"), filename_prefix="last",
-                      n_saved=1)
-
-
-class EpochLog:
-    """Ignite handler: one row per epoch (mean of each training loss, validation loss, seconds) in
-    ``<run_dir>/log.csv`` and, when ``tensorboard`` is installed, as scalars in ``<run_dir>/tensorboard/``
-    (MONAI's ``TensorBoardStatsHandler``, writing the row). Rank 0 writes; every rank keeps the rows
-    (``best_val_loss`` of the summary).
-
-    ``attach(trainer, validator)``: losses summed over the trainer's iterations, a row written when
-    the epoch completes, with ``validator.state.metrics["val_loss"]``: attach it after the handler
-    that runs the validation, so that the epoch's best checkpoint is written before its row."""
-
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
-        self.run_dir, self.tensorboard = Path(run_dir).absolute(), tensorboard
-        self.rows: list[dict] = []
-        self.sums: dict[str, tuple[float, int]] = {}  # loss -> (sum, iterations it was computed in)
-        self.validator, self.tensorboard_stats, self.started = None, None, time.perf_counter()
-
-    def attach(self, trainer, validator) -> None:
-        from ignite.engine import Events
-        from monai.utils import optional_import
-
-        self.validator = validator
-        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
-        if self.tensorboard and idist.get_rank() == 0 and optional_import("torch.utils.tensorboard")[1]:
-            from monai.handlers import TensorBoardStatsHandler
-
-            self.tensorboard_stats = TensorBoardStatsHandler(log_dir=str(self.run_dir / "tensorboard"),
-                                                             iteration_log=False, epoch_event_writer=self._scalars)
-            self.tensorboard_stats.attach(trainer)  # after the row is made
-
-    def resume(self, log_file: Path, epochs: int) -> None:
-        """Go on from a resumed run's ``log.csv``: its rows up to ``epochs`` (:func:`previous_log_rows`)."""
-        self.rows = previous_log_rows(log_file, epochs)
-
-    def _epoch_started(self, engine) -> None:
-        self.sums, self.started = {}, time.perf_counter()
-
-    def _iteration(self, engine) -> None:
-        for k, v in engine.state.output.items():
-            total, n = self.sums.get(k, (0.0, 0))
-            if not math.isnan(v):  # a loss not computed this iteration (the discriminator's, d_update_every > 1)
-                total, n = total + v, n + 1
-            self.sums[k] = (total, n)
-
-    def __call__(self, trainer) -> None:
-        epoch = trainer.state.epoch
-        row = {"epoch": epoch, **{k: total / n if n else float("nan") for k, (total, n) in self.sums.items()}}
-        row.update(val_loss=self.validator.state.metrics["val_loss"],
-                   seconds=round(time.perf_counter() - self.started, 2))
-        self.rows.append(row)
-        self.sums = {}
-        if idist.get_rank() != 0:
-            return
-        with atomic_path(self.run_dir / "log.csv") as tmp, Path(tmp).open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-
-    def _scalars(self, trainer, writer) -> None:
-        """``TensorBoardStatsHandler``'s epoch writer: the epoch's row, one scalar per column."""
-        row = self.rows[-1]
-        for k, v in row.items():
-            if k != "epoch":
-                writer.add_scalar(k, v, row["epoch"])
-        writer.flush()
-
-    def close(self) -> None:
-        if self.tensorboard_stats is not None:
-            self.tensorboard_stats.close()
-            self.tensorboard_stats = None
 
 
 def _checkpoint_number(path: Path) -> int:
@@ -352,23 +207,6 @@ def load_training_checkpoint(path: Path, to_save: dict, run_state: dict, cfg: Ru
     trainer.state.max_epochs = cfg.epochs
     return path
 
-
-def previous_log_rows(log_file: Path, epochs: int) -> list[dict]:
-    """The rows of the resumed run's ``log.csv`` up to its checkpoint's epoch (later rows belong to
-    epochs that are trained again), so the log goes on instead of starting empty."""
-    if not log_file.is_file():
-        return []
-    rows = []
-    with log_file.open(newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                values = {k: float(v) for k, v in row.items() if v not in (None, "")}
-            except ValueError:
-                continue
-            values["epoch"] = int(values.get("epoch", 0))
-            if 0 < values["epoch"] <= epochs:
-                rows.append(values)
-    return rows
 
 
 def adopt_checkpoints(source: Path, ckpt_dir: Path, last: Checkpoint, best: Checkpoint) -> None:

@@ -6,8 +6,8 @@ the network, datasets, loaders, optimisers and trainer (:func:`build_network`, :
 :func:`build_loader`, :func:`build_optimizer`, :func:`build_discriminator_optimizer`,
 :func:`build_trainer`), the validation evaluator with its key metric and MONAI's ``ValidationHandler``
 and ``EarlyStopHandler`` (:mod:`monai_multiad.engines.evaluator`), the run folder's handlers
-(:class:`~monai_multiad.run_folder.EpochLog`, :func:`~monai_multiad.run_folder.best_checkpointer`,
-:func:`~monai_multiad.run_folder.last_checkpointer`), and calls the same steps:
+(:class:`~monai_multiad.handlers.EpochLog`, :func:`~monai_multiad.handlers.best_checkpointer`,
+:func:`~monai_multiad.handlers.last_checkpointer`), and calls the same steps:
 :func:`attach_run_handlers`, :func:`resume_or_start`, :func:`run_training`, :func:`finish_run`.
 So a CLI run and a bundle run write the same run folder.
 
@@ -36,10 +36,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from monai_multiad.config import RunConfig
 from monai_multiad.data.images import detect_layout
-from monai_multiad.engines.batchnorm import BatchNormRecalibration, set_batchnorm_momentum
+from monai_multiad.engines.batchnorm import set_batchnorm_momentum
 from monai_multiad.engines.evaluator import (
     DistillationEvaluator,
-    EarlyStop,
     distillation_loss_metric,
     fit_fusion,
     fit_memory_bank,
@@ -50,12 +49,10 @@ from monai_multiad.outputs import write_json
 from monai_multiad.transforms.anomaly import SyntheticAnomaly
 from monai_multiad.transforms.volume import FG_THRESHOLD
 from monai_multiad.networks import MultiAD
+from monai_multiad.handlers import BatchNormRecalibration, EarlyStop, EpochLog, best_checkpointer, last_checkpointer
 from monai_multiad.run_folder import (  # noqa: F401 - load_model, save_model: also importable from here
-    EpochLog,
     adopt_checkpoints,
-    best_checkpointer,
     clear_checkpoints,
-    last_checkpointer,
     load_model,
     load_training_checkpoint,
     on_device,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from monai_multiad.config import RunConfig
-from monai_multiad.engines.batchnorm import BatchNormRecalibration, recalibrate_batchnorm, set_batchnorm_momentum
+from monai_multiad.engines.batchnorm import recalibrate_batchnorm, set_batchnorm_momentum
+from monai_multiad.handlers import BatchNormRecalibration
 from monai_multiad.engines.evaluator import fit_fusion
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.losses import DistillationLoss, distillation_losses
@@ -286,7 +287,7 @@ def test_spectral_norm_discriminator_has_unit_norm_layers_and_no_batchnorm():
 def test_discriminator_updated_every_nth_iteration_only(tmp_path):
     from ignite.engine import Events
 
-    from monai_multiad.run_folder import EpochLog
+    from monai_multiad.handlers import EpochLog
     from monai_multiad.workflow import build_trainer
 
     cfg = RunConfig(backbone="resnet18", pretrained="none", discriminator=True, d_update_every=2,

@@ -210,7 +210,7 @@ def test_evaluate_json_shows_the_evaluator(industrial):
     from monai.bundle import ConfigParser
 
     from monai_multiad.engines.evaluator import MultiADEvaluator
-    from monai_multiad.inference import ScoreRows
+    from monai_multiad.handlers import ScoreRows
 
     def parsed(**overrides):
         parser = ConfigParser()

@@ -15,13 +15,12 @@ import torch
 from ignite.metrics import Loss
 from monai.engines import Evaluator
 from monai.engines.utils import default_metric_cmp_fn
-from monai.handlers import EarlyStopHandler
 
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.losses import DistillationLoss
 from monai_multiad.networks import MultiAD
 
-__all__ = ["DistillationEvaluator", "EarlyStop", "MultiADEvaluator", "distillation_loss_metric", "fit_fusion"]
+__all__ = ["DistillationEvaluator", "MultiADEvaluator", "distillation_loss_metric", "fit_fusion"]
 
 
 def _prepare(batchdata: Any, device: torch.device, non_blocking: bool = False, **kwargs) -> dict[str, Any]:
@@ -188,7 +187,7 @@ class DistillationEvaluator(MultiADEvaluator):
         network: the :class:`MultiAD` being trained.
         key_val_metric: ``{"val_loss": distillation_loss_metric()}`` when not given.
         kwargs: as :class:`MultiADEvaluator`; among them ``val_handlers``, where the student's
-            BatchNorm re-estimation (:class:`~monai_multiad.engines.batchnorm.BatchNormRecalibration`)
+            BatchNorm re-estimation (:class:`~monai_multiad.handlers.BatchNormRecalibration`)
             belongs, so the engine sees the student that was trained.
 
     The engine's output per batch is ``{"teacher": [F_T1..F_T4], "student": [F_S1..F_S4]}``.
@@ -219,12 +218,3 @@ def distillation_loss_metric(device: torch.device | str = "cpu") -> Loss:
                 batch_size=lambda student: student[0].shape[0], device=device, skip_unrolling=True)
 
 
-class EarlyStop(EarlyStopHandler):
-    """MONAI's ``EarlyStopHandler`` whose count a checkpoint saves and loads (``state_dict``, that of
-    the Ignite ``EarlyStopping`` it runs), so a resumed run goes on counting epochs without progress."""
-
-    def state_dict(self) -> dict:
-        return self._handler.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._handler.load_state_dict(state_dict)
