@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-__all__ = ["PREFIX", "ROOT", "bundle_names", "bundle_path", "main"]
+__all__ = ["PREFIX", "ROOT", "bundle_names", "bundle_path", "listing", "main"]
 
 #: the folder holding the bundles (and ``schema/``)
 ROOT = Path(__file__).resolve().parent
@@ -42,9 +42,35 @@ def bundle_path(name: str) -> Path:
     raise ValueError(f"no bundle named {name!r}: the bundles are {short} (also with the prefix {PREFIX})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m monai_multiad.bundles [list | path NAME]``: as ``multiad bundle``."""
-    from monai_multiad.cli import main as cli_main
+def listing() -> list[str]:
+    """One line per bundle: ``name version folder``."""
+    import json
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return cli_main(["bundle", *(argv or ["list"])])
+    lines = []
+    for name in bundle_names():
+        meta = json.loads((ROOT / name / "configs" / "metadata.json").read_text())
+        lines.append(f"{name} {meta.get('version', '?')} {ROOT / name}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m monai_multiad.bundles [list | path NAME]``: as ``multiad bundle``, without importing
+    PyTorch or MONAI (quick in a shell's ``$(...)``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m monai_multiad.bundles",
+                                     description="The MONAI bundles installed with monai-multiad.")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.add_parser("list", help="each bundle: name, version, folder (the default)")
+    q = sub.add_parser("path", help="print a bundle's folder")
+    q.add_argument("name", metavar="NAME", help="brain_mri or industrial (or multiad_brain_mri, multiad_industrial)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.action == "path":
+        try:
+            print(bundle_path(args.name))
+        except ValueError as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    print("\n".join(listing()))
+    return 0

@@ -1,7 +1,9 @@
-"""``multiad``: train, evaluate, predict, screen, calibrate and a demo, on the command line.
+"""``multiad``: train, evaluate, predict, screen, calibrate, export and a demo, on the command line;
+``multiad bundle`` finds the MONAI bundles installed with the package; ``multiad --version``.
 
 Options of ``train`` are generated from :class:`~monai_multiad.config.RunConfig`, the same
-description the bundles use, so both build the same objects from the same defaults.
+description the bundles use, so both build the same objects from the same defaults; ``--config`` reads
+a JSON or YAML file of them and ``--print-config`` writes every one (YAML, or JSON) for it to read back.
 Bad input ends with one line ``multiad: error: <file>: <problem>`` and exit status 2; an output
 that cannot be written (a full disk) with one such line and status 1. An output folder is held
 by one command at a time (a lock file naming the process). ``train`` stopped by Ctrl-C or SIGTERM
@@ -17,10 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+from monai_multiad import __version__
 from monai_multiad.allocator import keep_freed_memory
-from monai_multiad.config import RunConfig
+from monai_multiad.config import RunConfig, field_sections
 from monai_multiad.errors import MultiADInputError, OutputWriteError
-from monai_multiad.outputs import check_output_dir, display_path as _shown, folder_lock
+from monai_multiad.outputs import atomic_path, check_output_dir, display_path as _shown, folder_lock
 
 __all__ = ["main", "build_parser", "distributed_main"]
 
@@ -50,19 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
         "then score images, slices and volumes.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch and more")
+    parser.add_argument("--version", action="version", version=f"multiad {__version__}",
+                        help="print the version of monai-multiad and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train on the normal images of a dataset and write a run folder",
                        description="Train Multi-AD on the normal training images of DATASET_DIR, fit the fusion "
                        "statistics on held-out normals, and write the run folder.",
                        epilog=LAYOUT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset_dir", help="dataset root, in one of the layouts below")
-    p.add_argument("--run-dir", required=True, help="output run folder (config.json, model.pt, checkpoints/, log.csv)")
-    p.add_argument("--config", help="a config.json to start from (command-line options override it)")
-    p.add_argument("--resume", help="continue from a run folder's last checkpoint (or a checkpoint file)")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes for data-parallel training (one per GPU; gloo on CPU) via ignite.distributed")
-    RunConfig.add_arguments(p, skip=("dataset_dir",))
+    p.add_argument("dataset_dir", nargs="?", help="dataset root, in one of the layouts below (default: the "
+                   "--config file's dataset_dir)")
+    g = p.add_argument_group("configuration file")
+    g.add_argument("--config", help="a configuration to start from: JSON (a run's config.json) or YAML (.yaml, "
+                   ".yml), any of the options below by their names with underscores; command-line options override it")
+    g.add_argument("--print-config", action="store_true", help="print the full configuration (every option, with "
+                   "the --config file's and the command line's values over the defaults) and exit without training; "
+                   "--config reads it back")
+    g.add_argument("--print-format", choices=("yaml", "json"), default="yaml",
+                   help="format of --print-config (default: yaml)")
+    sections = field_sections()
+    for section, names in sections.items():
+        group = p.add_argument_group(f"{section} options")
+        RunConfig.add_arguments(group, skip=("dataset_dir", *(n for s, ns in sections.items() if s != section
+                                                              for n in ns)))
+        if section == "training":
+            group.add_argument("--resume", help="continue from a run folder's last checkpoint (or a checkpoint file)")
+            group.add_argument("--nproc", type=int, default=1, help="processes for data-parallel training (one per "
+                               "GPU; gloo on CPU) via ignite.distributed")
+    g = p.add_argument_group("output")
+    g.add_argument("--run-dir", "--run", dest="run_dir", help="output run folder (config.json, model.pt, "
+                   "checkpoints/, log.csv); required unless --print-config")
 
     p = sub.add_parser("evaluate", help="compute image/pixel AUROC, AUPRO and F1-max on a test split",
                        description="Evaluate a trained run on the labelled test split; writes metrics.json, "
@@ -137,6 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="scan score = mean of the top-k slice scores; 'screen' "
                    "uses the same (default: 3)")
 
+    p = sub.add_parser("export", help="export a trained run to TorchScript or ONNX, checked against the model",
+                       description="Write a trained run's network as one TorchScript or ONNX file: input (B, C, "
+                       "S, S) float32 in [0, 1] at the run's image size S and channels C, outputs the anomaly map "
+                       "(B, 1, S, S) and the score (B,), the fusion statistics and threshold baked in, any batch "
+                       "size B. Before the file is put in place, the exported graph is run on a test batch and its "
+                       "map and score compared with the model's; a mismatch writes nothing and exits 1. ONNX needs "
+                       "pip install 'monai-multiad[onnx]'.")
+    p.add_argument("--run", required=True, help="run folder written by 'multiad train' (or its model.pt)")
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.ts, model.onnx)")
+    p.add_argument("--format", choices=("torchscript", "onnx"), help="default: onnx for an --out ending in .onnx, "
+                   "else torchscript")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 13 (default: 17)")
+
+    p = sub.add_parser("bundle", help="the MONAI bundles installed with the package: list them, print one's folder",
+                       description="The MONAI bundles that come with monai-multiad (installed with it, also by a "
+                       "plain 'pip install'). 'multiad bundle path brain_mri' prints the bundle's folder, for "
+                       "python -m monai.bundle run --config_file \"$(multiad bundle path brain_mri)/configs/train.json\" "
+                       "--bundle_root OUTPUT_FOLDER ...")
+    bundle_sub = p.add_subparsers(dest="bundle_action", required=True, metavar="ACTION")
+    bundle_sub.add_parser("list", help="each bundle: name, version, folder")
+    q = bundle_sub.add_parser("path", help="print a bundle's folder")
+    q.add_argument("name", metavar="NAME", help="brain_mri or industrial (or multiad_brain_mri, multiad_industrial)")
+
     p = sub.add_parser("demo", help="a short demo on generated data: train, evaluate, predict, screen",
                        description="Generate a small textured dataset with planted defects (and a phantom "
                        "volume), train briefly, evaluate, predict and screen. Needs no download.")
@@ -154,9 +197,11 @@ def train_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path, Path | None
     """``multiad train``'s arguments, checked and resolved once, before any work: (config with the
     dataset's absolute path, usable absolute run folder, absolute checkpoint to resume or None).
     Also used by ``python -m monai_multiad.distributed`` (:func:`distributed_main`)."""
-    cfg = RunConfig.from_arguments(args, RunConfig.load(args.config) if args.config else None)
+    cfg = run_config(args)
     if not cfg.dataset_dir:
         raise MultiADInputError("no dataset folder given")
+    if not args.run_dir:
+        raise MultiADInputError("no run folder given: pass --run-dir FOLDER (or --run FOLDER)")
     run_dir = check_output_dir(args.run_dir, "run folder (--run-dir)", inputs=(cfg.dataset_dir,))
     cfg.dataset_dir = os.path.abspath(cfg.dataset_dir)  # config.json names the data from anywhere (no "..")
     if args.resume is not None and not Path(args.resume).exists():
@@ -164,7 +209,20 @@ def train_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path, Path | None
     return cfg, run_dir, _absolute(args.resume)
 
 
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """``multiad train``'s configuration: the ``--config`` file (JSON or YAML) or the defaults, with the
+    options given on the command line over it."""
+    return RunConfig.from_arguments(args, RunConfig.load(args.config) if args.config else None)
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(run_config(args).dumps(args.print_format))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.print_config:
+        return _print_config(args)
     cfg, run_dir, resume = train_inputs(args)
     from monai_multiad.workflow import train
 
@@ -298,6 +356,60 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    run, out = _absolute(args.run), _absolute(args.out)
+    if not (run.is_file() or (run / "model.pt").is_file()):
+        raise MultiADInputError(f"{args.run}: no trained model here (expected a run folder written by 'multiad train')")
+    if out.is_dir():
+        raise MultiADInputError(f"{args.out}: is a folder: --out names the file to write")
+    check_output_dir(out.parent, "folder of --out", inputs=(run if run.is_dir() else run.parent,))
+    fmt = args.format or ("onnx" if out.suffix.lower() == ".onnx" else "torchscript")
+    if fmt == "onnx":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MultiADInputError(f"--format onnx needs the package(s) {', '.join(missing)}: "
+                                    "pip install 'monai-multiad[onnx]'")
+        if args.opset < 13:
+            raise MultiADInputError(f"--opset must be at least 13, got {args.opset}")
+    from monai_multiad.export import ExportMismatchError, check_export, export_onnx, export_torchscript
+    from monai_multiad.run_folder import load_model
+
+    model, cfg, _ = load_model(run, "cpu")
+    size = cfg.image_size
+    try:
+        with atomic_path(out) as tmp:  # put in place only once written and checked
+            if fmt == "onnx":
+                export_onnx(model, tmp, image_size=size, opset=args.opset)
+            else:
+                export_torchscript(model, tmp, image_size=size)
+            diff = check_export(model, tmp, fmt, image_size=size)
+    except ExportMismatchError as e:
+        print(f"multiad: error: {args.out}: {e}; nothing was written", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} ({fmt}): image (B, {model.in_channels}, {size}, {size}) float32 in [0, 1] -> "
+          f"anomaly_map (B, 1, {size}, {size}), score (B,); largest difference from the model on a test batch: "
+          f"{diff:.2g}")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    try:
+        from monai_multiad import bundles
+    except ImportError as e:
+        raise MultiADInputError("the MONAI bundles are not installed with this copy of monai-multiad: install the "
+                                "package (pip install . at the repository root)") from e
+    if args.bundle_action == "path":
+        try:
+            print(bundles.bundle_path(args.name))
+        except ValueError as e:
+            raise MultiADInputError(str(e)) from None
+        return 0
+    print("\n".join(bundles.listing()))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "demo folder (--out)")
     from monai_multiad.demo import run_demo
@@ -307,7 +419,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "screen": _screen, "calibrate": _calibrate,
-            "demo": _demo}
+            "export": _export, "bundle": _bundle, "demo": _demo}
 
 
 def error_exit(e: MultiADInputError | OutputWriteError) -> int:
@@ -351,6 +463,8 @@ def _torchrun_group(args: argparse.Namespace, folder: Path, command: str, device
 
 
 def _distributed_train(args: argparse.Namespace) -> int:
+    if args.print_config:
+        return _print_config(args)
     cfg, run_dir, resume = train_inputs(args)  # checked and resolved once, before any process starts
     from monai_multiad.distributed import train_distributed
 

@@ -3,6 +3,9 @@
 :class:`RunConfig` adds its own ``--option`` arguments to the CLI's parser and reads them back
 (:meth:`RunConfig.add_arguments`, :meth:`RunConfig.from_arguments`), and the bundles' configs name
 the same keys, so both build the same objects from the same defaults (:mod:`monai_multiad.workflow`).
+A configuration file is JSON (``config.json`` in every run folder) or YAML (``.yaml``/``.yml``);
+:meth:`RunConfig.dumps` writes every option, in YAML grouped by :data:`SECTIONS`, so that
+:meth:`RunConfig.load` reads back the same configuration (``multiad train --print-config``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from typing import Any
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.transforms.anomaly import ANOMALY_MODES
 
-__all__ = ["RunConfig", "MODEL_KEYS"]
+__all__ = ["RunConfig", "MODEL_KEYS", "SECTIONS", "field_sections"]
 
 
 def _opt(default: Any, help: str, **kw) -> Any:
@@ -215,12 +219,49 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
+        """A configuration file: YAML when its name ends in ``.yaml`` or ``.yml``, else JSON; a mapping
+        of option names (a subset of the fields; the rest keep their defaults) to values."""
         path = Path(path)
+        yaml_file = path.suffix.lower() in YAML_SUFFIXES
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MultiADInputError(f"{path}: cannot read the run configuration ({e})") from e
+            text = path.read_text()
+        except OSError as e:
+            raise MultiADInputError(f"{path}: cannot read the run configuration ({e.strerror or e})") from e
+        try:
+            data = _read_yaml(text) if yaml_file else json.loads(text)
+        except (ValueError, _yaml_errors()) as e:
+            kind = "YAML" if yaml_file else "JSON"
+            where = _error_place(e)
+            raise MultiADInputError(f"{path}: not valid {kind}{where} ({_first_line(e)})") from e
+        if data is None and yaml_file:
+            data = {}  # an empty YAML file: the defaults
+        if not isinstance(data, dict):
+            raise MultiADInputError(f"{path}: expected a mapping of option names to values, got a "
+                                    f"{type(data).__name__}")
+        if yaml_file:
+            data = _yaml_values(data)
         return cls.from_dict(data, path)
+
+    def dumps(self, fmt: str = "yaml") -> str:
+        """Every option with its value, as :meth:`load` reads it back: ``"json"`` (as ``config.json``) or
+        ``"yaml"`` (grouped by :data:`SECTIONS`, each a comment line)."""
+        data = self.to_dict()
+        if fmt == "json":
+            return json.dumps(data, indent=2) + "\n"
+        if fmt != "yaml":
+            raise ValueError(f"format must be 'yaml' or 'json', got {fmt!r}")
+        import yaml
+
+        class Dumper(yaml.SafeDumper):  # one option a line; a list on its option's line: [1, 2, 3, 4]
+            pass
+
+        Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+        parts = []
+        for section, names in field_sections().items():
+            body = yaml.dump({n: data[n] for n in names}, Dumper=Dumper, sort_keys=False, default_flow_style=False,
+                             allow_unicode=True, width=1000)
+            parts.append(f"# {section}\n{body}")
+        return "\n".join(parts)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments of :class:`monai_multiad.networks.MultiAD` described by this config."""
@@ -243,6 +284,89 @@ class RunConfig:
             "memory_bank": self.memory_bank,
             "segmentation_head": self.segmentation_head_steps > 0,
         }
+
+
+#: the groups of options, each the name of its first field (the fields keep this order): the YAML
+#: configuration's comment lines, ``multiad train --help``'s groups
+SECTIONS = (("data", "dataset_dir"), ("model", "backbone"), ("training", "epochs"))
+
+
+def field_sections() -> dict[str, list[str]]:
+    """Each section of :data:`SECTIONS` -> its fields' names, in order; every field is in one."""
+    starts = dict((first, name) for name, first in SECTIONS)
+    out: dict[str, list[str]] = {name: [] for name, _ in SECTIONS}
+    current = SECTIONS[0][0]
+    for f in fields(RunConfig):
+        current = starts.get(f.name, current)
+        out[current].append(f.name)
+    return out
+
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does (``1e-3`` is a float, not a string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def _read_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a safe loader)
+
+
+def _yaml_errors() -> type[Exception]:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover
+        return ValueError
+    return yaml.YAMLError
+
+
+def _error_place(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f" at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(e, json.JSONDecodeError):
+        return f" at line {e.lineno}, column {e.colno}"
+    return ""
+
+
+def _first_line(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return e.msg
+    problem = getattr(e, "problem", None)
+    return str(problem or e).splitlines()[0]
+
+
+def _yaml_values(data: dict) -> dict:
+    """YAML's words for booleans as the command line takes them: a boolean option may be ``yes``/``no``,
+    ``on``/``off`` (as YAML 1.1 reads them, or as strings), and a string option that YAML 1.1 turned into
+    a boolean gets its word back (``foreground: on``)."""
+    out = dict(data)
+    for f in fields(RunConfig):
+        if f.name not in out:
+            continue
+        value, default = out[f.name], f.default
+        if isinstance(default, bool) and isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+            out[f.name] = value.lower() in TRUE_WORDS
+        elif isinstance(default, str) and isinstance(value, bool):
+            words = [w for w in (f.metadata.get("choices") or ()) if w in (("on", "yes", "true") if value
+                                                                             else ("off", "no", "false"))]
+            if words:
+                out[f.name] = words[0]
+    return out
 
 
 #: the options that decide the network's shape: a checkpoint must agree on them

@@ -37,7 +37,9 @@ from torch import nn
 from monai_multiad.networks import MultiAD
 
 __all__ = [
+    "ExportMismatchError",
     "ShapeGuard",
+    "check_export",
     "export_onnx",
     "export_torchscript",
     "inference_copy",
@@ -178,6 +180,54 @@ def export_onnx(
             dynamo=False,
         )
     return path
+
+
+class ExportMismatchError(RuntimeError):
+    """An exported file whose anomaly map or score differs from the model's (:func:`check_export`)."""
+
+
+def check_export(
+    model_or_run: MultiAD | str | Path, path: str | Path, fmt: str = "torchscript", image_size: int = 256,
+    batch: int = 3, atol: float = 1e-4, rtol: float = 1e-4,
+) -> float:
+    """Run the exported file ``path`` (``fmt`` ``"torchscript"`` or ``"onnx"``, the latter with
+    onnxruntime) and the model on the same seeded batch of ``batch`` images (by default 3, another size
+    than the traced batch of 2) and return the largest absolute difference of their anomaly maps and
+    scores; :class:`ExportMismatchError` when one is beyond ``atol + rtol * |model's value|``."""
+    model = inference_copy(resolve_model(model_or_run))
+    x = torch.rand(batch, model.in_channels, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    if fmt not in ("torchscript", "onnx"):
+        raise ValueError(f"fmt must be 'torchscript' or 'onnx', got {fmt!r}")
+    with torch.no_grad():
+        expected = [t.numpy() for t in model(x)]
+        try:
+            if fmt == "torchscript":
+                got = [t.numpy() for t in torch.jit.load(str(path))(x)]
+            else:
+                import onnxruntime
+
+                options = onnxruntime.SessionOptions()
+                options.log_severity_level = 4  # a failing graph is reported once, below, not also in the log
+                session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                got = session.run(None, {"image": x.numpy()})
+        except Exception as e:  # the graph itself fails (onnxruntime's errors are its own classes)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1 if fmt == "torchscript" else 0]
+            raise ExportMismatchError(f"the exported graph fails on a test batch of {batch} images of "
+                                      f"{image_size} px, which the model scores: {first}") from e
+    import numpy as np
+
+    worst = 0.0
+    for name, want, have in zip(("anomaly map", "score"), expected, got):
+        have = np.asarray(have)
+        if have.shape != want.shape:
+            raise ExportMismatchError(f"the exported {name} has shape {tuple(have.shape)}, the model's "
+                                      f"{tuple(want.shape)}")
+        diff = np.abs(have - want)
+        worst = max(worst, float(diff.max()))
+        if not np.all(diff <= atol + rtol * np.abs(want)):
+            raise ExportMismatchError(f"the exported {name} differs from the model's by up to {float(diff.max()):.3g} "
+                                      f"on a test batch (tolerance {atol:g} + {rtol:g} x |value|)")
+    return worst
 
 
 def network_def_config(model_or_run: MultiAD | str | Path) -> dict:
