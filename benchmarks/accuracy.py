@@ -203,6 +203,7 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     from torch.utils.data import DataLoader
 
     from monai_multiad import inference, workflow
+    from monai_multiad.data import datasets
     from monai_multiad.engines.evaluator import fit_fusion, fit_memory_bank
     from monai_multiad.outputs import write_json
 
@@ -220,17 +221,17 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     if unexpected or any(not k.startswith(("fusion.", "memory_bank.", "segmentation_head.")) for k in missing):
         raise SystemExit(f"study variant {config}: refit cannot change the networks ({unexpected or missing})")
     refit.to(device)
-    train_ds, val_ds = workflow.build_datasets(cfg, "train")
+    train_ds, val_ds = datasets.build_datasets(cfg, "train")
     t_bank = time.perf_counter()
     head_loss = workflow.train_segmentation_head(cfg, refit, train_ds, device)
     head_seconds = time.perf_counter() - t_bank
     t_bank = time.perf_counter()
-    bank = fit_memory_bank(refit, workflow.fixed_normals_loader(train_ds, cfg), device, seed=cfg.seed)
+    bank = fit_memory_bank(refit, datasets.fixed_normals_loader(train_ds, cfg), device, seed=cfg.seed)
     bank_seconds = time.perf_counter() - t_bank
     if spec["refit"].get("bn_recalibrate", 0) > 0:  # re-estimate the student's BatchNorm statistics only
         from monai_multiad.handlers import BatchNormRecalibration
 
-        BatchNormRecalibration(refit, workflow.fixed_normals_loader(train_ds, cfg), cfg.bn_recalibrate, device)()
+        BatchNormRecalibration(refit, datasets.fixed_normals_loader(train_ds, cfg), cfg.bn_recalibrate, device)()
     run_dir = Path(args.out) / "runs" / config / name
     print(f"[accuracy] {config} / {name}: refit of {spec['from']} with {spec['refit']}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -257,11 +258,12 @@ def raw_intensity_row(args, name: str, folder: Path) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from monai_multiad import inference, workflow
+    from monai_multiad import inference
+    from monai_multiad.data import datasets
     from monai_multiad.networks.fusion import GaussianSmoothing
 
     cfg = build_config(args, folder, {})
-    test = workflow.build_datasets(cfg, "test")
+    test = datasets.build_datasets(cfg, "test")
     smooth = GaussianSmoothing(4.0 * args.image_size / 256)
     key, extra = inference.anomaly_metrics(pixel=True)
     metrics = {**key, **extra}

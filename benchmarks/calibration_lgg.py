@@ -8,8 +8,9 @@ from pathlib import Path
 from sklearn.metrics import roc_auc_score
 from monai_multiad.run_folder import load_model
 from monai_multiad.data.volumes import dataset_splits
-from monai_multiad.calibration import _labelled_slices, calibrate, write_calibration
-from monai_multiad.screening import _load_run, screen_volume
+from monai_multiad.calibration import lesion_slices, calibrate, write_calibration
+from monai_multiad.inferers import load_run
+from monai_multiad.screening import screen_volume
 src = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study/flair128/runs/nd+fg/lgg_flair")
 import tempfile
 run_dir = Path(tempfile.mkdtemp()) / "run"; shutil.rmtree(run_dir, ignore_errors=True); shutil.copytree(src, run_dir)
@@ -22,11 +23,11 @@ record = calibrate(run_dir, val, 0.05, device="cpu", level="slice", labels={Path
 write_calibration(run_dir, record)
 part = record["slice"]; thr, (lo, hi) = part["threshold"], part["interval"]
 print("calibration", part["n"], part["groups"], thr, part["calibration_fpr"], lo, hi)
-run = _load_run(run_dir, "cpu")
+run = load_run(run_dir, "cpu")
 normal, tumour = [], []
 for c in sp["test"]:
     res = screen_volume(run, c.image)
-    lesion = _labelled_slices(Path(c.image).parent / "mask.nii.gz", "axial")
+    lesion = lesion_slices(Path(c.image).parent / "mask.nii.gz", "axial")
     normal.append(np.array([s for k, s in res.slice_scores.items() if k not in lesion]))
     tumour.append(np.array([s for k, s in res.slice_scores.items() if k in lesion]))
 n, t = np.concatenate(normal), np.concatenate(tumour)

@@ -11,7 +11,7 @@ Per backbone, batch size and device, at ``--image-size`` (256) px:
 * ``train``: one ``MultiADTrainer`` iteration (distillation + adversarial loss, two optimizer steps);
 * memory: CUDA ``max_memory_allocated``; CPU: peak RSS (``/proc/self/statm`` sampled every 2 ms)
   above the RSS just before the first pass, each configuration in a fresh process (``--isolate``);
-* ``volume``: ``monai_multiad.screening.screen_path`` end to end on a NIfTI phantom of
+* ``volume``: ``monai_multiad.scan_outputs.screen_path`` end to end on a NIfTI phantom of
   size x size x ``--volume-slices`` vs the bare networks on the same number of slices;
 * ``cohort``: ``monai_multiad.cohort.screen_paths`` (what ``multiad screen`` runs on a folder) over
   ``--cohort-volumes`` phantoms of size x size x ``--cohort-slices``, once per ``--cohort-workers``
@@ -242,7 +242,7 @@ def bare_slices(model, n: int, batch_size: int, size: int, device: torch.device)
 def bench_volume(job: dict) -> dict:
     row = {"backbone": job["backbone"], "device": job["device"], "slices": job["volume_slices"]}
     try:
-        from monai_multiad import screening
+        from monai_multiad import scan_outputs, screening
     except ImportError as e:
         return {**row, "status": f"skipped: screening not available ({e})"}
     from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
@@ -254,13 +254,13 @@ def bench_volume(job: dict) -> dict:
     path = write_nifti(work / "phantom.nii.gz", np.round(image).astype(np.int16))
     kwargs = {"device": job["device"], "batch_size": job["volume_batch_size"], "image_size": size,
               "modality": "mri", "progress": False}
-    accepted = {*inspect.signature(screening.screen_path).parameters,  # pass only the options it names
-                *inspect.signature(getattr(screening, "screen_volume", screening.screen_path)).parameters}
+    accepted = {*inspect.signature(scan_outputs.screen_path).parameters,  # pass only the options it names
+                *inspect.signature(screening.screen_volume).parameters}
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     runs, reports = iter(range(10**6)), []
     warmup, repeats = min(job["warmup"], 1), min(max(job["repeats"], 1), 3)
     try:
-        e2e = timed(lambda: reports.append(screening.screen_path(model, path, work / f"out{next(runs)}", **kwargs)),
+        e2e = timed(lambda: reports.append(scan_outputs.screen_path(model, path, work / f"out{next(runs)}", **kwargs)),
                     device, warmup, repeats)
     except Exception as e:  # a screening error is a result of this benchmark, not its end
         return {**row, "status": f"failed: {type(e).__name__}: {e}"}

@@ -3,7 +3,7 @@
 The bundles' ``train.json`` builds a training run with the objects and steps ``multiad train`` uses
 (:mod:`monai_multiad.workflow`, :mod:`monai_multiad.run_folder`, the engines), and the other configs call
 :func:`~monai_multiad.inference.evaluate`, :func:`~monai_multiad.inference.predict` and
-:func:`~monai_multiad.screening.screen_paths`, from a :class:`~monai_multiad.config.RunConfig` made by
+:func:`~monai_multiad.cohort.screen_paths`, from a :class:`~monai_multiad.config.RunConfig` made by
 :func:`run_config` of the configs' top-level keys (one per ``RunConfig`` field). What is here:
 
 * :func:`run_config`: ``RunConfig`` from a config's ``run_config`` entry, with the CLI's type checks,

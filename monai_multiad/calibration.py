@@ -28,21 +28,17 @@ back to its uncalibrated threshold, and says why.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from monai_multiad.errors import MultiADInputError, input_error
+from monai_multiad.inferers import CALIBRATION_FILE, DEFAULT_TOP_K, load_run, model_sha256
 
-__all__ = ["CALIBRATION_FILE", "Threshold", "min_normals", "threshold_rank", "threshold_at_fpr", "calibrate",
-           "write_calibration", "load_calibration", "volume_thresholds", "image_threshold"]
+__all__ = ["min_normals", "threshold_rank", "threshold_at_fpr", "calibrate", "lesion_slices", "write_calibration"]
 
-CALIBRATION_FILE = "calibration.json"
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, CONFIDENCE = 2000, 0, 0.95
 _EPS = 1e-9  # (n + 1)(1 - fpr) is an integer more often than floating point says (20 * 0.95)
 
@@ -125,128 +121,26 @@ def threshold_at_fpr(scores: Sequence[float], fpr: float, groups: Sequence[Any] 
     return out
 
 
-# ----------------------------------------------------------------------------- which threshold is used
-@dataclass
-class Threshold:
-    """A decision threshold and where it comes from (``source``: calibrated, uncalibrated or given)."""
-
-    value: float | None
-    source: str
-    description: str
-
-    def __str__(self) -> str:
-        value = "none" if self.value is None else f"{self.value:.4g}"
-        return f"threshold {value} ({self.description})"
-
-
-def model_sha256(run_dir: str | Path) -> str | None:
-    path = Path(run_dir)
-    path = path / "model.pt" if path.is_dir() else path
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_calibration(run_dir: str | Path | None) -> dict | None:
-    """The run's ``calibration.json`` (``run_dir``: a run folder or its model.pt), or ``None`` when there
-    is none. One made for another ``model.pt`` (trained again since) comes back with ``"stale": True``,
-    one that cannot be read as ``{"unreadable": why}``: neither is used, and the threshold says why."""
-    if run_dir is None:
-        return None
-    folder = Path(run_dir)
-    folder = folder if folder.is_dir() else folder.parent
-    try:
-        record = json.loads((folder / CALIBRATION_FILE).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:  # not fatal: the run falls back to its uncalibrated threshold and says why
-        return {"unreadable": f"{type(e).__name__}: {e}"}
-    if record.get("model_sha256") != model_sha256(folder):
-        record["stale"] = True
-    return record
-
-
-def _describe(part: dict, fpr: float, unit: str) -> str:
-    lo, hi = part["interval"]
-    of = f" of {part['groups']} scans" if part.get("groups") else ""
-    return f"calibrated: FPR {fpr:g} [{lo:.3g}, {hi:.3g}] on {part['n']} normal {unit}{of}"
-
-
-def _uncalibrated(value: float | None, quantile: float, unit: str, reason: str = "") -> Threshold:
-    why = f"{reason}; " if reason else ""
-    return Threshold(value, "uncalibrated", f"uncalibrated: {why}the {quantile:g} quantile of validation normal "
-                                            f"{unit}; run 'multiad calibrate' for a known false-positive rate")
-
-
-def _mismatch(record: dict, kind: str, settings: dict) -> str:
-    """Why ``record`` does not apply to this use ('' when it does)."""
-    if record.get("unreadable"):
-        return f"{CALIBRATION_FILE} cannot be read ({record['unreadable']}); run 'multiad calibrate' again"
-    if record.get("stale"):
-        return f"{CALIBRATION_FILE} was made for an earlier model.pt"
-    if record.get("kind") != kind:
-        return f"{CALIBRATION_FILE} was made on {record.get('kind')}, not {kind}"
-    made = record.get("settings", {})
-    diff = [f"{k} {made.get(k)!r}, not {v!r}" for k, v in settings.items() if k in made and made[k] != v]
-    return f"{CALIBRATION_FILE} was made with {', '.join(diff)}" if diff else ""
-
-
-def volume_thresholds(record: dict | None, fallback: float | None, quantile: float, settings: dict,
-                      given: float | None = None) -> tuple[Threshold, Threshold]:
-    """(scan threshold, slice threshold) for screening with ``settings`` (top_k, modality, window,
-    slice_axis, image_size): the calibrated ones where ``record`` has them for these settings, else
-    ``fallback`` (the fusion's threshold fitted at training) for both; ``given`` overrides the scan's."""
-    reason = _mismatch(record, "volumes", settings) if record else ""
-    scan_settings = {k: v for k, v in settings.items() if k != "top_k"}  # top_k does not change slice scores
-    slice_reason = _mismatch(record, "volumes", scan_settings) if record else ""
-    fpr = (record or {}).get("fpr")
-    if record and not reason and record.get("scan"):
-        scan = Threshold(record["scan"]["threshold"], "calibrated", _describe(record["scan"], fpr, "scans"))
-    else:
-        scan = _uncalibrated(fallback, quantile, "slices", reason or ("calibrated at slice level only" if record
-                                                                     else ""))
-    if given is not None:
-        scan = Threshold(float(given), "given", "given by the caller")
-    if record and not slice_reason and record.get("slice"):
-        part = record["slice"]
-        slc = Threshold(part["threshold"], "calibrated", _describe(part, fpr, "slices"))
-    else:
-        slc = _uncalibrated(fallback, quantile, "slices", slice_reason)
-    return scan, slc
-
-
-def image_threshold(record: dict | None, fallback: float | None, quantile: float, settings: dict) -> Threshold:
-    """The image threshold for ``predict``: the calibrated one, else the fusion's fitted at training."""
-    reason = _mismatch(record, "images", settings) if record else ""
-    if record and not reason and record.get("image"):
-        return Threshold(record["image"]["threshold"], "calibrated", _describe(record["image"], record["fpr"],
-                                                                                "images"))
-    return _uncalibrated(fallback, quantile, "images", reason)
-
 
 # ----------------------------------------------------------------------------- calibrating
 def _split_inputs(inputs: Sequence[str | Path]) -> tuple[str, list[Path]]:
     """("volumes" | "images", the inputs expanded): NIfTI files, DICOM series folders and folders of NIfTI
     files (label volumes, ``*mask*``/``*label*``, left out) are volumes; image files and folders are images."""
-    from monai_multiad.data.images import _is_image, list_images
-    from monai_multiad.data.volumes import LABEL_PATTERNS, _holds_dicom, _is_label, _is_nifti
+    from monai_multiad.data.images import is_image, list_images
+    from monai_multiad.data.volumes import LABEL_PATTERNS, holds_dicom, is_label, is_nifti
 
     volumes: list[Path] = []
     images: list[Path] = []
     for item in map(Path, inputs):
         if item.is_file():
-            (volumes if _is_nifti(item) or item.suffix.lower() == ".dcm" else images).append(item)
+            (volumes if is_nifti(item) or item.suffix.lower() == ".dcm" else images).append(item)
         elif item.is_dir():
-            niftis = sorted(p for p in item.iterdir() if _is_nifti(p) and not _is_label(p.name, LABEL_PATTERNS))
+            niftis = sorted(p for p in item.iterdir() if is_nifti(p) and not is_label(p.name, LABEL_PATTERNS))
             if niftis:
                 volumes += niftis
-            elif any(_is_image(p) for p in item.iterdir()):
+            elif any(is_image(p) for p in item.iterdir()):
                 images += list_images(item)
-            elif _holds_dicom(item):
+            elif holds_dicom(item):
                 volumes.append(item)
             else:
                 raise input_error(item, "holds no NIfTI volume, DICOM series or image to calibrate on")
@@ -264,7 +158,7 @@ def _split_inputs(inputs: Sequence[str | Path]) -> tuple[str, list[Path]]:
     return ("volumes" if volumes else "images"), found
 
 
-def _labelled_slices(label: str | Path, axis: str) -> set[int]:
+def lesion_slices(label: str | Path, axis: str) -> set[int]:
     """Canonical indices of the slices where the label volume ``label`` is non-empty."""
     from monai_multiad.transforms.volume import labelled_slices, load_volume, slice_geometry
 
@@ -273,7 +167,7 @@ def _labelled_slices(label: str | Path, axis: str) -> set[int]:
 
 
 def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, device: str = "auto",
-              top_k: int = 3, modality: str | None = None, window: Any = None, batch_size: int = 32,
+              top_k: int = DEFAULT_TOP_K, modality: str | None = None, window: Any = None, batch_size: int = 32,
               labels: dict | None = None, level: str = "scan", progress: bool = False,
               n_boot: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
     """Score normal inputs with a run and return its calibration record (writes nothing:
@@ -303,35 +197,35 @@ def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, 
                                             "method": "percentile bootstrap of the rule (slices resampled by scan)"}}
     if kind == "images":
         from monai_multiad.inference import score_images
-        from monai_multiad.run_folder import load_model, resolve_device
 
-        dev = resolve_device(device)
-        network, cfg, _ = load_model(run_dir, dev, fold_batchnorm=True)
+        run = load_run(run_dir, device)
+        cfg = run.config
         scores = []
-        for r in score_images(network, cfg, found, dev, images=False):
+        for r in score_images(run.model, cfg, found, run.device, images=False):
             if "error" in r:
                 raise MultiADInputError(r["error"])
             scores.append(r["score"])
         record["image"] = threshold_at_fpr(scores, fpr, n_boot=n_boot, seed=seed, what="images")
-        record.update(num_images=len(found), settings={"image_size": cfg.image_size, "in_channels": cfg.in_channels})
+        record.update(num_images=len(found), settings=run.image_settings())
     else:
         from tqdm.auto import tqdm
 
-        from monai_multiad.screening import _load_run, screen_volume
+        from monai_multiad.screening import screen_volume
 
-        run = _load_run(run_dir, device)
-        modality, window = (modality or run.modality).lower(), window if window not in (None, "") else run.window
+        run = load_run(run_dir, device)
+        settings = run.settings(modality=modality, window=window, top_k=top_k)
         scan_scores, slice_scores, slice_groups = [], [], []
         bar = tqdm(found, desc="calibrating", unit="scan", disable=None if progress else True)
         for i, path in enumerate(bar):
             try:
-                res = screen_volume(run, path, modality=modality, window=window, batch_size=batch_size, top_k=top_k)
+                res = screen_volume(run, path, modality=settings.modality, window=settings.window,
+                                    batch_size=batch_size, top_k=settings.top_k)
             except MultiADInputError:
                 raise
             except Exception as e:  # noqa: BLE001 - a calibration set with a scan left out is not the one asked for
                 raise input_error(path, f"cannot be screened ({type(e).__name__}: {e})") from e
             label = labels.get(Path(path).absolute())
-            lesion = _labelled_slices(label, run.axis) if label is not None else set()
+            lesion = lesion_slices(label, run.axis) if label is not None else set()
             normal = {k: s for k, s in res.slice_scores.items() if k not in lesion}
             slice_scores += list(normal.values())
             slice_groups += [i] * len(normal)  # the bootstrap resamples scans, not slices
@@ -341,9 +235,7 @@ def calibrate(run_dir: str | Path, inputs: Sequence[str | Path], fpr: float, *, 
         record["slice"] = threshold_at_fpr(slice_scores, fpr, groups=slice_groups, n_boot=n_boot, seed=seed,
                                            what="slices")
         record.update(num_scans=len(found), num_normal_scans=len(scan_scores), num_slices=len(slice_scores),
-                      settings={"top_k": top_k, "modality": modality,
-                                "window": list(window) if isinstance(window, (tuple, list)) else window,
-                                "slice_axis": run.axis, "image_size": run.image_size})
+                      settings=settings.calibration_key())
     record.update(inputs=[str(Path(p).absolute()) for p in found], model_sha256=model_sha256(run_dir),
                   created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   package_version=__version__)

@@ -23,6 +23,7 @@ from monai_multiad import __version__
 from monai_multiad.allocator import keep_freed_memory
 from monai_multiad.config import RunConfig, field_sections
 from monai_multiad.errors import MultiADInputError, OutputWriteError
+from monai_multiad.inferers.settings import DEFAULT_TOP_K
 from monai_multiad.outputs import atomic_path, check_output_dir, display_path as _shown, folder_lock
 
 __all__ = ["main", "build_parser", "distributed_main"]
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "then read as one series each, not as folders of cases)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (bounds memory; default: 32)")
     p.add_argument("--top-k", type=int, help="scan score = mean of the top-k slice scores (default: the one the "
-                   "run was calibrated with, else 3)")
+                   f"run was calibrated with, else {DEFAULT_TOP_K})")
     p.add_argument("--rescreen", action="store_true", help="screen every scan again, also those already screened "
                    "into --out with this model and these settings (default: keep them, say so, screen the rest)")
     p.add_argument("--nproc", type=int, default=1, help="processes sharing the scans (one per GPU; gloo on CPU) via "
@@ -154,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("mri", "ct", "minmax"), help="intensity normalisation (default: the run's)")
     p.add_argument("--window", help="CT window: a preset name or 'level,width' in HU (default: the run's)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (bounds memory; default: 32)")
-    p.add_argument("--top-k", type=int, default=3, help="scan score = mean of the top-k slice scores; 'screen' "
-                   "uses the same (default: 3)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="scan score = mean of the top-k slice scores; "
+                   f"'screen' uses the same (default: {DEFAULT_TOP_K})")
 
     p = sub.add_parser("export", help="export a trained run to TorchScript or ONNX, checked against the model",
                        description="Write a trained run's network as one TorchScript or ONNX file: input (B, C, "
@@ -260,7 +261,7 @@ def _predict(args: argparse.Namespace) -> int:
         results = predict(_absolute(args.run), [_absolute(p) for p in args.inputs], out, args.device)
     scored = [r for r in results if "error" not in r]
     if scored:
-        from monai_multiad.calibration import Threshold
+        from monai_multiad.inferers import Threshold
 
         print(Threshold(scored[0]["threshold"], "", scored[0]["threshold_source"]))
     for r in results:
@@ -302,7 +303,7 @@ def report_screening(args: argparse.Namespace, report: list[dict]) -> int:
     """Print the thresholds used and a line per scan; the exit status: 1 when a scan failed."""
     failed = [r for r in report if r.get("status") != "ok"]
     if report:
-        from monai_multiad.calibration import Threshold
+        from monai_multiad.inferers import Threshold
 
         first = report[0]
         print(Threshold(first.get("threshold"), "", first.get("threshold_source", "")))

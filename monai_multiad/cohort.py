@@ -1,7 +1,7 @@
 """Screening a cohort: many scans with one run, resumable, and sharded over processes.
 
 :func:`screen_paths` screens a list of scans (:func:`expand_scans` turns folders of cases and list
-files into one), writes one output folder per scan (:func:`~monai_multiad.screening.screen_path`) and
+files into one), writes one output folder per scan (:func:`~monai_multiad.scan_outputs.screen_path`) and
 ``report.csv`` / ``report.json`` / ``report.html`` with one row per scan, in the list's order.
 
 * **Resumable.** A scan's ``result.json`` is written last, atomically, once its other outputs are in
@@ -23,7 +23,6 @@ files into one), writes one output folder per scan (:func:`~monai_multiad.screen
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,11 +32,13 @@ from typing import Any, Sequence
 
 import ignite.distributed as idist
 import torch
-from torch import nn
 
-from monai_multiad import screening
 from monai_multiad.errors import MultiADInputError, OutputWriteError, input_error
+from monai_multiad.inferers import LoadedRun, load_run
 from monai_multiad.outputs import display_path
+from monai_multiad.report import ReportRow, write_report
+from monai_multiad.scan_outputs import MAP_FORMATS, screen_path, unique_names, write_outputs
+from monai_multiad.screening import screen_volume
 
 __all__ = ["LIST_SUFFIXES", "expand_scans", "model_identity", "screen_paths"]
 
@@ -45,10 +46,6 @@ logger = logging.getLogger("monai_multiad")
 
 #: a file argument with one of these suffixes is a list of scans, one path a line
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-#: a scan's report row, in this order (see :data:`monai_multiad.screening.REPORT_FIELDS`)
-ROW_KEYS = ("scan", "name", "status", "scan_score", "anomalous", "threshold", "num_slices", "screened_slices",
-            "top_slices", "map", "seconds", "error", "threshold_source", "slice_threshold", "slice_threshold_source",
-            "dicom_map", "dicom_seg", "dicom_note")
 
 
 # ----------------------------------------------------------------------------- which scans
@@ -67,9 +64,9 @@ def _expand_folder(folder: Path) -> list[Path]:
     """A DICOM series folder is one scan; a folder of cases (``<case>.nii.gz``, ``<case>/<image>.nii.gz``,
     ``<case>/<DICOM series>``; label volumes left out, as in training: :func:`~monai_multiad.data.volumes.
     find_cases`) is its cases, sorted by name; anything else stays one scan, reported if it cannot be read."""
-    from monai_multiad.data.volumes import _any_dicom, find_cases
+    from monai_multiad.data.volumes import any_dicom, find_cases
 
-    if _any_dicom(sorted(p for p in folder.iterdir() if p.is_file())):
+    if any_dicom(sorted(p for p in folder.iterdir() if p.is_file())):
         return [folder]
     cases = find_cases(folder)
     return [c.image for c in cases] or [folder]
@@ -96,19 +93,13 @@ def expand_scans(items: Sequence[str | Path], series_uid: str | None = None) -> 
 def model_identity(run: Any) -> str:
     """SHA-256 of a run's ``model.pt`` (``run``: the run folder or the file), or of a network's weights."""
     if isinstance(run, (str, Path)):
-        from monai_multiad.calibration import model_sha256
+        from monai_multiad.inferers import model_sha256
 
         digest = model_sha256(run)
         if digest is not None:
             return digest
         raise input_error(run, "no model.pt here (expected a run folder written by 'multiad train')")
-    model = run.model if isinstance(run, screening._Run) else run
-    h = hashlib.sha256()
-    if isinstance(model, nn.Module):
-        for name, value in model.state_dict().items():
-            h.update(name.encode())
-            h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return load_run(run).identity()
 
 
 def _scan_stamp(path: Path) -> dict:
@@ -127,9 +118,9 @@ def _scan_stamp(path: Path) -> dict:
 
 def _as_json(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), so that records compare equal."""
-    from monai_multiad.outputs import _jsonable
+    from monai_multiad.outputs import jsonable
 
-    return json.loads(json.dumps(obj, default=_jsonable))
+    return json.loads(json.dumps(obj, default=jsonable))
 
 
 def finished_row(folder: Path, screened_with: dict) -> dict | None:
@@ -145,7 +136,7 @@ def finished_row(folder: Path, screened_with: dict) -> dict | None:
     files = [*(record.get("files") or {}).values(), record.get("dicom_map"), record.get("dicom_seg")]
     if not all(Path(f).is_file() for f in files if f):
         return None
-    return {k: record[k] for k in ROW_KEYS if k in record}
+    return ReportRow.from_record(record).as_dict()
 
 
 # ----------------------------------------------------------------------------- screening them
@@ -164,7 +155,7 @@ def _clear(folder: Path, map_format: str) -> None:
     does a map of the other format (an earlier screening's, which would not be replaced)."""
     if folder.is_dir():
         (folder / "result.json").unlink(missing_ok=True)
-        for other in screening.MAP_FORMATS:
+        for other in MAP_FORMATS:
             if other != map_format:
                 (folder / f"anomaly_map.{other}").unlink(missing_ok=True)
         for temporary in folder.glob(".*"):
@@ -199,7 +190,7 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _screen_share(run: screening._Run, scans: list[Path], names: list[str], records: list[dict], mine: list[int],
+def _screen_share(run: LoadedRun, scans: list[Path], names: list[str], records: list[dict], mine: list[int],
                   out_dir: Path, failed: dict, bar, workers: int, map_format: str, **options) -> dict[int, dict]:
     """Rows of the scans ``mine`` (indices), screened in order. ``workers`` 0: each read, screened and
     written in turn. Otherwise the next scans are read in ``workers`` DataLoader processes while this one
@@ -208,9 +199,8 @@ def _screen_share(run: screening._Run, scans: list[Path], names: list[str], reco
     rows: dict[int, dict] = {}
 
     def failed_row(i: int, t0: float, e: BaseException) -> dict:
-        return {"scan": str(scans[i]), "name": names[i], "status": "failed", "scan_score": None, "anomalous": None,
-                "num_slices": None, "screened_slices": None, "top_slices": [], "map": "",
-                "seconds": round(time.perf_counter() - t0, 3), "error": _message(e), **failed}
+        return ReportRow(str(scans[i]), names[i], "failed", seconds=round(time.perf_counter() - t0, 3),
+                         error=_message(e), **failed).as_dict()
 
     def done(i: int, row: dict) -> None:
         rows[i] = row
@@ -223,7 +213,7 @@ def _screen_share(run: screening._Run, scans: list[Path], names: list[str], reco
             t0 = time.perf_counter()
             try:
                 _clear(out_dir / names[i], map_format)
-                row = screening.screen_path(run, scans[i], out_dir, name=names[i], screened_with=records[i],
+                row = screen_path(run, scans[i], out_dir, name=names[i], screened_with=records[i],
                                             map_format=map_format, **options)
             except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
                 row = failed_row(i, t0, e)
@@ -254,7 +244,7 @@ def _screen_share(run: screening._Run, scans: list[Path], names: list[str], reco
                 _clear(out_dir / names[i], map_format)
                 if error:
                     raise MultiADInputError(error)
-                result = screening.screen_volume(run, volume, series_uid=series_uid, **options)
+                result = screen_volume(run, volume, series_uid=series_uid, **options)
             except Exception as e:  # noqa: BLE001 - one bad scan must not stop the batch; its error is reported
                 done(i, failed_row(i, t0, e))
                 continue
@@ -262,7 +252,7 @@ def _screen_share(run: screening._Run, scans: list[Path], names: list[str], reco
                 del volume
             if pending is not None:
                 settle()
-            pending = (i, t0, writer.submit(screening.write_outputs, result, scans[i], out_dir / names[i],
+            pending = (i, t0, writer.submit(write_outputs, result, scans[i], out_dir / names[i],
                                             series_uid=series_uid, screened_with=records[i], map_format=map_format,
                                             started=t0))
             del result
@@ -285,7 +275,7 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
     the time left on stderr (rank 0; not when stderr is not a terminal). ``workers``: DataLoader
     processes reading the next scans while one is screened, and a thread writing outputs meanwhile (0:
     all in turn, in this process). ``map_format``: ``"nii.gz"`` or ``"nii"``
-    (:data:`~monai_multiad.screening.MAP_FORMATS`). In an ``ignite.distributed`` group every rank calls
+    (:data:`~monai_multiad.scan_outputs.MAP_FORMATS`). In an ``ignite.distributed`` group every rank calls
     this with the same arguments and screens its share; rank 0 writes the report. Every rank returns
     all the rows. ``kwargs`` go to :func:`~monai_multiad.screening.screen_volume` (axis, image_size,
     threshold)."""
@@ -293,23 +283,23 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
 
     if workers < 0:
         raise MultiADInputError(f"workers must be 0 or more, got {workers}")
-    if map_format not in screening.MAP_FORMATS:
-        raise MultiADInputError(f"map format {map_format!r}: expected one of {', '.join(screening.MAP_FORMATS)}")
+    if map_format not in MAP_FORMATS:
+        raise MultiADInputError(f"map format {map_format!r}: expected one of {', '.join(MAP_FORMATS)}")
     out_dir = Path(out_dir).absolute()  # the report names files that are found from anywhere
-    loaded = screening._load_run(run, device)
+    loaded = load_run(run, device)
     scans = [Path(s) for s in scans]
-    names = screening._unique_names(scans)
-    modality = (modality or loaded.modality).lower()
-    window = window if window not in (None, "") else loaded.window
-    axis, size = kwargs.get("axis") or loaded.axis, int(kwargs.get("image_size") or loaded.image_size)
-    top_k, scan_thr, slice_thr = screening._thresholds(loaded, top_k, modality, window, axis, size,
-                                                       kwargs.get("threshold"))
+    names = unique_names(scans)
+    settings = loaded.settings(modality=modality, window=window, slice_axis=kwargs.pop("axis", None),
+                               image_size=kwargs.pop("image_size", None), top_k=top_k)
+    scan_thr, slice_thr = loaded.volume_thresholds(settings, kwargs.get("threshold"))
     failed = {"threshold": scan_thr.value, "threshold_source": scan_thr.description,
-              "slice_threshold": slice_thr.value, "slice_threshold_source": slice_thr.description}
-    settings = _as_json({"model_sha256": model_identity(run if isinstance(run, (str, Path)) else loaded),
-                         "modality": modality, "window": window, "slice_axis": axis, "image_size": size,
-                         "top_k": top_k, "series_uid": series_uid, "map_format": map_format, **failed})
-    records = [{**settings, "scan": str(s), "scan_file": _scan_stamp(s)} for s in scans]
+              "threshold_kind": scan_thr.source, "slice_threshold": slice_thr.value,
+              "slice_threshold_source": slice_thr.description}
+    record = _as_json({"model_sha256": model_identity(run if isinstance(run, (str, Path)) else loaded),
+                       "modality": settings.modality, "window": settings.window, "slice_axis": settings.slice_axis,
+                       "image_size": settings.image_size, "top_k": settings.top_k, "series_uid": series_uid,
+                       "map_format": map_format, **{k: v for k, v in failed.items() if k != "threshold_kind"}})
+    records = [{**record, "scan": str(s), "scan_file": _scan_stamp(s)} for s in scans]
     rank, world = idist.get_rank(), idist.get_world_size()
     rows: dict[int, dict] = {}
     if resume:
@@ -328,16 +318,16 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
     desc = "screening" if world == 1 else f"screening (rank 0: {len(mine)} of {len(todo)})"
     bar = tqdm(total=len(mine), desc=desc, unit="scan", disable=None if progress and rank == 0 else True)
     screened = _screen_share(loaded, scans, names, records, mine, out_dir, failed, bar, workers, map_format,
-                             series_uid=series_uid, modality=modality, window=window, batch_size=batch_size,
-                             top_k=top_k, **kwargs)
+                             series_uid=series_uid, modality=settings.modality, window=settings.window,
+                             axis=settings.slice_axis, image_size=settings.image_size, batch_size=batch_size,
+                             top_k=settings.top_k, **kwargs)
     bar.close()
     for part in (idist.all_gather(screened) if world > 1 else [screened]):
         rows.update(part)
     ordered = [rows[i] for i in range(len(scans))]
     if rank == 0:
-        screening._write_report(out_dir, ordered)
+        write_report(out_dir, ordered)
         from monai_multiad.report_html import write_report_html  # report.html: the page to open, after csv/json
 
-        write_report_html(out_dir, ordered, run if isinstance(run, (str, Path)) else None,
-                          threshold_given=kwargs.get("threshold") is not None)
+        write_report_html(out_dir, ordered, run if isinstance(run, (str, Path)) else None)
     return ordered

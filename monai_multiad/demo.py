@@ -18,6 +18,7 @@ from monai_multiad.cohort import screen_paths
 from monai_multiad.config import RunConfig
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.inference import evaluate, format_table, predict
+from monai_multiad.inferers import DEFAULT_TOP_K
 from monai_multiad.outputs import display_path as _shown, write_json
 from monai_multiad.workflow import train
 
@@ -94,7 +95,7 @@ def run_demo(out: Path, steps: int = 60, device: str = "auto") -> dict:
     return report
 
 
-def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STEPS, top_k: int = 3) -> dict:
+def demo_screen(out_dir: str | Path, device: str = "auto", steps: int = DEMO_STEPS, top_k: int = DEFAULT_TOP_K) -> dict:
     """The volume part of ``multiad demo``: phantom brain volumes (normal ones to train on, one with
     a lesion to screen, flat ``<case>.nii.gz`` layout), a tiny run on their normal slices (64 px,
     Lite0 with its packaged ImageNet weights, ``steps`` iterations, the stride-4 and stride-8 stage maps

@@ -14,10 +14,12 @@ from monai_multiad.config import RunConfig
 from monai_multiad.engines.evaluator import MultiADEvaluator
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.handlers import ScoreRows
+from monai_multiad.inferers import LoadedRun, load_run, scan_score
 from monai_multiad.outputs import write_json, write_png, write_text
 from monai_multiad.metrics import AUPRO, F1Max, ImageAUROC, PixelAUROC
 from monai_multiad.visualize import contact_sheet, overlay
-from monai_multiad.workflow import build_datasets, build_loader, load_model, resolve_device
+from monai_multiad.data.datasets import build_datasets, build_loader
+from monai_multiad.run_folder import load_model, resolve_device
 
 __all__ = ["evaluate", "predict", "score_images", "anomaly_metrics", "format_table", "evaluation_config",
            "evaluation_dataset", "mask_coverage", "run_evaluation", "write_evaluation", "score_and_label",
@@ -206,27 +208,21 @@ def volume_metrics(rows: list[dict[str, Any]], cfg: RunConfig, fusion: dict, run
     scan AUROC (``None``, with the reason, when the scans are all of one kind), and sensitivity and
     specificity of scans and slices at the thresholds ``multiad screen`` flags with (calibrated ones
     when the run's ``calibration.json`` applies, else the normal threshold fitted at training)."""
-    from monai_multiad.calibration import load_calibration, volume_thresholds
     from monai_multiad.metrics import image_auroc
-    from monai_multiad.screening import rank_slices
 
-    record = load_calibration(run_dir)
-    top_k = int(top_k or ((record or {}).get("settings") or {}).get("top_k", 3))
-    settings = {"top_k": top_k, "modality": cfg.modality, "slice_axis": cfg.slice_axis,
-                "image_size": cfg.image_size, "window": cfg.ct_window or None}
-    scan_thr, slice_thr = volume_thresholds(record, fusion.get("threshold"),
-                                            float(fusion.get("threshold_quantile", cfg.threshold_quantile)), settings)
+    run = LoadedRun.from_parts(None, cfg, fusion, torch.device("cpu"), run_dir)  # its settings and thresholds
+    settings = run.settings(top_k=top_k)
+    scan_thr, slice_thr = run.volume_thresholds(settings)
+    top_k = settings.top_k
     by_case: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_case.setdefault(r["case"], []).append(r)
     scans = []
     for case, slices in by_case.items():
-        order = rank_slices([r["score"] for r in slices], [r["slice_index"] for r in slices])
-        ranked = [slices[i] for i in order[:top_k]]
-        score = float(np.mean([r["score"] for r in ranked]))
-        scans.append({"case": case, "label": int(any(r["label"] for r in slices)), "scan_score": score,
-                      "anomalous": None if scan_thr.value is None else bool(score > scan_thr.value),
-                      "num_slices": len(slices), "top_slices": " ".join(str(r["slice_index"]) for r in ranked)})
+        ranked = scan_score([r["score"] for r in slices], [r["slice_index"] for r in slices], top_k)
+        scans.append({"case": case, "label": int(any(r["label"] for r in slices)), "scan_score": ranked.score,
+                      "anomalous": None if scan_thr.value is None else bool(ranked.score > scan_thr.value),
+                      "num_slices": len(slices), "top_slices": " ".join(str(k) for k in ranked.top)})
     labels = np.array([s["label"] for s in scans])
     scores = np.array([s["scan_score"] for s in scans])
     kinds = int(labels.sum()), int((labels == 0).sum())
@@ -330,24 +326,15 @@ def score_images(network, cfg: RunConfig, paths: list[Path], device, batch_size:
             yield r
 
 
-def _image_threshold(run_dir, cfg: RunConfig, fusion: dict):
-    """The run's image threshold: calibrated (``multiad calibrate`` on 2D images) or the fusion's."""
-    from monai_multiad.calibration import image_threshold, load_calibration
-
-    return image_threshold(load_calibration(run_dir), fusion.get("threshold"),
-                           fusion.get("threshold_quantile", cfg.threshold_quantile),
-                           {"image_size": cfg.image_size, "in_channels": cfg.in_channels})
-
-
 @torch.no_grad()
 def predict(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto") -> list[dict]:
     """Score each image; write ``<name>_overlay.png`` (map over image at its original size) and
     ``predictions.json`` (score, threshold and its source, anomalous) to ``out_dir``. The threshold is
     the run's calibrated one (``calibration.json``) when there is one, else the fusion's fitted at
     training. An unreadable image is recorded with its error and the others go on."""
-    dev = resolve_device(device)
-    network, cfg, fusion = load_model(run_dir, dev, fold_batchnorm=True)
-    chosen = _image_threshold(run_dir, cfg, fusion)
+    run = load_run(run_dir, device)
+    network, cfg, dev = run.model, run.config, run.device
+    chosen = run.image_threshold()
     threshold = chosen.value
     out_dir = Path(out_dir).absolute()  # predictions.json names files that are found from anywhere
     results, used = [], set()

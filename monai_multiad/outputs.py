@@ -95,10 +95,10 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    write_text(path, json.dumps(obj, indent=2, default=jsonable) + "\n")
 
 
-def _jsonable(o: Any) -> Any:
+def jsonable(o: Any) -> Any:
     if isinstance(o, (np.generic,)):
         return o.item()
     if isinstance(o, (np.ndarray,)):

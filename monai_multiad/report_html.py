@@ -1,10 +1,10 @@
 """``report.html``: one screening's results as a single self-contained page to open in a browser.
 
 Scans are listed by scan score, highest first; a flagged scan (score above the threshold) is
-marked, and the page says which threshold was used and where it came from (a ``threshold_source``
-in the rows; else the run's ``calibration.json`` when its threshold is the one used; else the run's
-normal threshold). Per scan: the montage ``screen`` wrote (its most anomalous slices, the map over
-the image, radiological display) and the slice-score curve along the slice axis as inline SVG.
+marked, and the page says which threshold was used and where it came from (the rows'
+``threshold_source`` and ``threshold_kind``, :class:`~monai_multiad.report.ReportRow`). Per scan: the
+montage ``screen`` wrote (its most anomalous slices, the map over the image, radiological display) and
+the slice-score curve along the slice axis as inline SVG.
 Scans that could not be screened are listed with their error.
 
 Nothing is fetched: the montages are ``data:`` URIs, the style is inline, there is no script, and a
@@ -28,12 +28,10 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from monai_multiad.inferers import MONTAGE_SLICES
 from monai_multiad.outputs import write_text
 
-__all__ = ["ScanFigures", "render_report", "write_report_html", "load_scan_figures", "threshold_source"]
-
-#: tiles in the montage ``screen`` writes: ``max(top_k, MONTAGE_TILES)`` slices (fewer when fewer are screened)
-MONTAGE_TILES = 6
+__all__ = ["ScanFigures", "render_report", "write_report_html", "load_scan_figures"]
 
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -117,6 +115,7 @@ def _flatten(obj: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _threshold_block(rows: Sequence[Mapping], source: str | None, calibration: Mapping | None) -> str:
+    used = any(r.get("threshold_kind") == "calibrated" for r in rows)
     thresholds = sorted({float(r["threshold"]) for r in rows if r.get("threshold") is not None})
     if not thresholds:
         text = "No threshold is known for this run: no scan is flagged; the scores can still be ranked."
@@ -134,7 +133,6 @@ def _threshold_block(rows: Sequence[Mapping], source: str | None, calibration: M
                      f'<b>{" / ".join(_e(t, 6) for t in slice_thr)}</b>{"; " if slice_src else ""}'
                      f'{escape(slice_src)}</p>')
     if calibration:
-        used = bool(source) and "calibrat" in source and "uncalibrated" not in source
         items = "".join(f"<tr><th>{escape(k)}</th><td>{_e(v, 6)}</td></tr>" for k, v in _flatten(calibration)[:40])
         parts.append(f'<details class="calibration"><summary>The run&#x27;s calibration record (calibration.json in '
                      f'the run folder{"" if used else "; not the threshold used here"})</summary>'
@@ -220,7 +218,7 @@ def render_report(rows: Sequence[Mapping], figures: Mapping[str, ScanFigures] | 
                   threshold_source: str | None = None, calibration: Mapping | None = None,
                   run: str | None = None, generated: str | None = None,
                   title: str = "multiad screening report") -> str:
-    """The page for the report ``rows`` of :func:`~monai_multiad.screening.screen_paths`.
+    """The page for the report ``rows`` of :func:`~monai_multiad.cohort.screen_paths`.
 
     Args:
         rows: one dict per scan (``name``, ``scan``, ``status``, ``scan_score``, ``anomalous``,
@@ -293,7 +291,7 @@ def load_scan_figures(folder: str | Path) -> ScanFigures:
         result = {}
     fig.axis = result.get("slice_axis")
     if fig.slice_scores:  # the montage's slices: the highest-scored ones, as screen_volume picks them
-        n = max(int(result.get("top_k") or 0), MONTAGE_TILES)
+        n = max(int(result.get("top_k") or 0), MONTAGE_SLICES)
         fig.montage_slices = [k for k, _ in sorted(fig.slice_scores, key=lambda t: (-t[1], t[0]))[:n]]
     return fig
 
@@ -305,33 +303,12 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def threshold_source(rows: Sequence[Mapping], run_dir: str | Path | None, calibration: Mapping | None,
-                     given: bool = False) -> str | None:
-    """Where the rows' threshold came from, in words (``None`` when no row has one)."""
-    thresholds = {float(r["threshold"]) for r in rows if r.get("threshold") is not None}
-    if not thresholds:
-        return None
-    if given:
-        return "given to the screening call (not the run's own threshold)."
-    if calibration:
-        cal = [float(v) for k, v in _flatten(calibration) if k.split(".")[-1] == "threshold"
-               and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if any(math.isclose(t, c, rel_tol=1e-6, abs_tol=1e-9) for t in thresholds for c in cal):
-            return "the run's calibration on normal scans (calibration.json in the run folder)."
-    config = _read_json(Path(run_dir) / "config.json") if run_dir is not None else None
-    q = (config or {}).get("threshold_quantile")
-    which = f"the {float(q):g} quantile" if isinstance(q, (int, float)) else "a high quantile"
-    return (f"the run's normal threshold: {which} of the normal validation slice scores at the end of "
-            "training (model.pt); not calibrated on normal scans.")
-
-
-def write_report_html(out_dir: str | Path, rows: Sequence[Mapping], run_dir: str | Path | None = None,
-                      threshold_given: bool = False) -> Path:
+def write_report_html(out_dir: str | Path, rows: Sequence[Mapping], run_dir: str | Path | None = None) -> Path:
     """Write ``out_dir/report.html`` for the rows of a screening into ``out_dir`` (atomically).
 
     The montages and slice scores are read from each scan's folder ``out_dir/<name>/``; the run's
-    ``calibration.json`` and ``config.json`` (when ``run_dir`` is a run folder) tell where the
-    threshold came from. ``threshold_given``: the caller gave the threshold. Returns the path."""
+    ``calibration.json`` (when ``run_dir`` is a run folder) is shown beside the threshold; where the threshold
+    came from is the rows' ``threshold_source``. Returns the path."""
     out_dir = Path(out_dir)
     run_folder = None
     if run_dir is not None:
@@ -341,9 +318,7 @@ def write_report_html(out_dir: str | Path, rows: Sequence[Mapping], run_dir: str
     calibration = calibration if isinstance(calibration, Mapping) else None
     figures = {str(r.get("name")): load_scan_figures(out_dir / str(r.get("name")))
                for r in rows if r.get("status", "ok") == "ok" and r.get("name")}
-    page = render_report(rows, figures, threshold_source=threshold_source(rows, run_folder, calibration,
-                                                                          threshold_given),
-                         calibration=calibration, run=None if run_folder is None else str(run_folder),
+    page = render_report(rows, figures, calibration=calibration, run=None if run_folder is None else str(run_folder),
                          generated=datetime.datetime.now().isoformat(timespec="seconds"))
     path = out_dir / "report.html"
     write_text(path, page)

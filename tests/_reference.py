@@ -78,7 +78,8 @@ def recompute_evaluation(run_dir: str | Path, dataset_dir: str | Path | None = N
     """
     import dataclasses
 
-    from monai_multiad.workflow import build_datasets, load_model
+    from monai_multiad.data.datasets import build_datasets
+    from monai_multiad.run_folder import load_model
 
     model, cfg, _ = load_model(run_dir, fold_batchnorm=True)  # as multiad evaluate loads it
     if dataset_dir is not None:

@@ -308,7 +308,7 @@ def test_brain_preprocessing_is_the_config_object(brain):
     """The brain bundle's ``preprocessing`` (a ``Compose`` of the project's dictionary transforms in
     train.json) is what cuts the training slices: the same slices as ``multiad train`` by default, and
     an override of one of its transforms' arguments changes them."""
-    from monai_multiad.workflow import build_datasets
+    from monai_multiad.data.datasets import build_datasets
 
     (train, val), cfg = _brain_datasets(brain["data"])
     ref_train, ref_val = build_datasets(cfg, "train")
@@ -326,7 +326,7 @@ def test_industrial_preprocessing_is_the_config_object(industrial):
     images: the same items as ``multiad train``'s datasets, and overriding its size changes them."""
     from monai.bundle import ConfigParser
 
-    from monai_multiad.workflow import build_datasets
+    from monai_multiad.data.datasets import build_datasets
 
     def parsed(**overrides):
         parser = ConfigParser()
@@ -422,7 +422,8 @@ def test_resume_checks_the_checkpoint(industrial):
     """The bundle's ``--resume`` goes through the CLI's check (``workflow.resume_or_start`` ->
     ``run_folder.load_training_checkpoint``): another network, a missing file, nothing left to do."""
     from monai_multiad.run_folder import load_training_checkpoint
-    from monai_multiad.workflow import build_datasets, build_loader, build_network, build_trainer
+    from monai_multiad.data.datasets import build_datasets, build_loader
+    from monai_multiad.workflow import build_network, build_trainer
 
     last = next((industrial["run"] / "checkpoints").glob("last_checkpoint_*.pt"))
     cfg = RunConfig(dataset_dir=str(industrial["data"]), **{**TINY, "epochs": 2, "student_se": False})

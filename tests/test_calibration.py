@@ -323,8 +323,9 @@ def test_lgg_flair_slice_calibration_on_train_patients_measured_on_test_patients
     distributions, not accuracy: the tiny model does not tell tumour slices apart."""
     from sklearn.metrics import roc_auc_score
 
-    from monai_multiad.calibration import _labelled_slices, calibrate, write_calibration
-    from monai_multiad.screening import _load_run, screen_volume
+    from monai_multiad.calibration import lesion_slices, calibrate, write_calibration
+    from monai_multiad.inferers import load_run
+    from monai_multiad.screening import screen_volume
 
     splits = json.loads((LGG / "splits.json").read_text())
     data = tmp_path / "lgg"
@@ -345,12 +346,12 @@ def test_lgg_flair_slice_calibration_on_train_patients_measured_on_test_patients
     assert record["scan"] is None and part["groups"] == LGG_CALIBRATE and part["calibration_fpr"] <= 0.05
     assert lo <= part["calibration_fpr"] <= hi
 
-    run = _load_run(run_dir, "cpu")
+    run = load_run(run_dir, "cpu")
     normal, tumour = [], []
     for p in splits["test"]:
         res = screen_volume(run, LGG / p / "flair.nii.gz")
         assert res.slice_threshold == thr and res.slice_threshold_source.startswith("calibrated: FPR 0.05")
-        lesion = _labelled_slices(LGG / p / "mask.nii.gz", "axial")
+        lesion = lesion_slices(LGG / p / "mask.nii.gz", "axial")
         normal.append(np.array([s for k, s in res.slice_scores.items() if k not in lesion]))
         tumour.append(np.array([s for k, s in res.slice_scores.items() if k in lesion]))
     normal_all, tumour_all = np.concatenate(normal), np.concatenate(tumour)

@@ -13,7 +13,7 @@ from monai_multiad.config import RunConfig
 from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_dicom_series, write_nifti
 from monai_multiad.data.volumes import dataset_splits, find_cases, parse_window, volume_slice_datasets
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.workflow import build_datasets
+from monai_multiad.data.datasets import build_datasets
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAPE = (32, 32, 12)

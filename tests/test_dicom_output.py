@@ -27,7 +27,8 @@ from monai_multiad.data.synthetic_volumes import (
     write_dicom_series,
     write_nifti,
 )
-from monai_multiad.screening import REPORT_FIELDS, screen_paths
+from monai_multiad.cohort import screen_paths
+from monai_multiad.report import REPORT_FIELDS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEEDS_HIGHDICOM = "highdicom is not installed: pip install 'monai-multiad[dicom]'"

@@ -157,8 +157,11 @@ def test_the_page_is_self_contained():
 
 
 def test_writer_reads_the_screening_folder_and_the_runs_calibration(tmp_path):
+    """The page reads each scan's figures from its folder and where the threshold came from from the rows
+    (their ``threshold_source`` and ``threshold_kind``), never from comparing the threshold with the run's."""
     out, run = tmp_path / "out", tmp_path / "run"
-    rows = _rows()
+    uncalibrated = "uncalibrated: the 0.99 quantile of validation normal slices"
+    rows = [{**r, "threshold_source": uncalibrated, "threshold_kind": "uncalibrated"} for r in _rows()]
     for r in rows:
         if r["status"] == "ok":
             folder = out / r["name"]
@@ -168,18 +171,22 @@ def test_writer_reads_the_screening_folder_and_the_runs_calibration(tmp_path):
                                                      "2,2,0.1,0\n1,1,0.7,1\n3,3,0.3,0\n")
             (folder / "result.json").write_text(json.dumps({"slice_axis": "coronal", "top_k": 1}))
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"threshold_quantile": 0.99}))
+    # a calibration whose scan threshold equals the rows' threshold: the rows still say it was not used
+    (run / "calibration.json").write_text(json.dumps({"scan": {"threshold": 0.5, "fpr": 0.05}, "num_scans": 30}))
     path = write_report_html(out, rows, run / "model.pt")
     html = path.read_text()
     assert path == out / "report.html" and not list(out.glob(".report*"))  # written atomically
-    assert "the 0.99 quantile of the normal validation slice scores" in html and "coronal axis" in html
+    assert uncalibrated in html and "coronal axis" in html
     assert base64.b64encode(_png((0, 0, 255))).decode() in html
     assert "slices 1, 3, 2 (highest score first)" in html  # the montage's slices, read from slice_scores.csv
-    (run / "calibration.json").write_text(json.dumps({"scan": {"threshold": 0.5, "fpr": 0.05}, "num_scans": 30}))
+    assert "scan.fpr" in html and "not the threshold used here" in html
+    calibrated = "calibrated: FPR 0.05 [0.01, 0.1] on 30 normal scans"
+    rows = [{**r, "threshold_source": calibrated, "threshold_kind": "calibrated"} for r in _rows()]
     html = write_report_html(out, rows, run).read_text()
-    assert "calibration on normal scans" in html and "scan.fpr" in html
-    html = write_report_html(out, rows, run, threshold_given=True).read_text()
-    assert "given to the screening call" in html
+    assert calibrated in html and "scan.fpr" in html and "not the threshold used here" not in html
+    rows = [{**r, "threshold_source": "given by the caller", "threshold_kind": "given"} for r in _rows()]
+    html = write_report_html(out, rows, run).read_text()
+    assert "given by the caller" in html and "not the threshold used here" in html
 
 
 # ---- the page `multiad screen` writes, in a real browser ----------------------------------------------------------

@@ -27,7 +27,9 @@ from monai_multiad.data.synthetic_volumes import (
 )
 from monai_multiad.networks import MultiAD
 from monai_multiad.data.volumes import volume_slice_datasets
-from monai_multiad.screening import ScreeningResult, screen_path, screen_paths, screen_volume
+from monai_multiad.cohort import screen_paths
+from monai_multiad.scan_outputs import screen_path
+from monai_multiad.screening import ScreeningResult, screen_volume
 from monai_multiad.transforms import load_volume
 from monai_multiad.workflow import save_model
 

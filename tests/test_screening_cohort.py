@@ -172,8 +172,8 @@ def test_torchrun_gives_the_report_of_one_process(work, one_process):
 HANG_AT_THE_FOURTH_RECORD = """
 import sys, time
 from pathlib import Path
-import monai_multiad.screening as screening
-write_json, records = screening.write_json, []
+import monai_multiad.scan_outputs as scan_outputs
+write_json, records = scan_outputs.write_json, []
 def hanging_write_json(path, obj):
     if Path(path).name == "result.json":
         records.append(path)
@@ -182,7 +182,7 @@ def hanging_write_json(path, obj):
             Path("hanging").write_text(str(path))
             time.sleep(600)
     return write_json(path, obj)
-screening.write_json = hanging_write_json
+scan_outputs.write_json = hanging_write_json
 from monai_multiad.cli import main
 sys.exit(main(sys.argv[1:]))
 """

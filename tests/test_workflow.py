@@ -16,7 +16,8 @@ from monai_multiad.cli import main
 from monai_multiad.config import RunConfig
 from monai_multiad.data.synthetic_images import write_mvtec_dataset
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.workflow import build_datasets, load_model, train
+from monai_multiad.data.datasets import build_datasets
+from monai_multiad.workflow import load_model, train
 
 from _reference import assert_evaluation_matches, recompute_evaluation
 

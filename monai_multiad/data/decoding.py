@@ -22,7 +22,7 @@ __all__ = ["IMAGE_EXTENSIONS", "read_image", "read_image_array", "unit_image", "
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 #: ITU-R 601-2 luma weights (the ones ``PIL.Image.convert("L")`` uses).
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def _check_file(path: Path) -> None:
@@ -137,7 +137,7 @@ def _drop_alpha(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _to_unit_float(arr: np.ndarray) -> np.ndarray:
+def to_unit_float(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == bool:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer):
@@ -164,8 +164,8 @@ def to_channels(image: np.ndarray, in_channels: int | None) -> np.ndarray:
         return image.repeat(3, 0) if isinstance(image, np.ndarray) else image.repeat(3, 1, 1)
     if c == 3 and in_channels == 1:
         if isinstance(image, np.ndarray):
-            return np.tensordot(_LUMA, image, axes=1)[None].astype(image.dtype, copy=False)
-        w = torch.as_tensor(_LUMA, dtype=image.dtype, device=image.device)
+            return np.tensordot(LUMA, image, axes=1)[None].astype(image.dtype, copy=False)
+        w = torch.as_tensor(LUMA, dtype=image.dtype, device=image.device)
         return torch.tensordot(w, image, dims=1)[None]
     raise input_error(None, f"cannot convert an image with {c} channels to {in_channels} channels")
 
@@ -186,7 +186,7 @@ def read_image_array(path) -> np.ndarray:
 def unit_image(arr: np.ndarray, channels: int | None = None) -> np.ndarray:
     """``(H, W, C)`` array of any dtype (:func:`read_image_array`) -> float32 ``(C, H, W)`` in [0, 1],
     with ``channels`` as in :func:`read_image`."""
-    img = np.ascontiguousarray(np.moveaxis(_to_unit_float(arr), -1, 0))
+    img = np.ascontiguousarray(np.moveaxis(to_unit_float(arr), -1, 0))
     return to_channels(img, channels)
 
 
@@ -213,7 +213,7 @@ def read_mask(path) -> np.ndarray:
     return np.ascontiguousarray(np.any(arr != 0, axis=-1))
 
 
-def _header_size(path) -> tuple[int, int] | None:
+def header_size(path) -> tuple[int, int] | None:
     """(H, W) from the file's header without decoding it, or None when the header is not readable."""
     from PIL import Image
 

@@ -20,7 +20,7 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from monai_multiad.data import decoding, layouts
-from monai_multiad.data.decoding import _header_size, read_image, read_mask, to_channels
+from monai_multiad.data.decoding import header_size, read_image, read_mask, to_channels
 from monai_multiad.errors import input_error
 
 __all__ = ["AnomalyImageDataset", "LoadAnomalyImaged", "resize_image", "restore_size", "check_mask_size", "check_masks",
@@ -41,7 +41,7 @@ def check_masks(samples: Sequence[dict]) -> None:
     image's aspect ratio (:func:`check_mask_size`): a wrong pairing is reported before any work."""
     for s in samples:
         if s.get("mask"):
-            mask_hw, image_hw = _header_size(s["mask"]), _header_size(s["image"])
+            mask_hw, image_hw = header_size(s["mask"]), header_size(s["image"])
             if mask_hw is not None and image_hw is not None:
                 check_mask_size(mask_hw, image_hw, s["mask"], s["image"])
 
@@ -60,7 +60,7 @@ def check_mask_size(mask_hw: Sequence[int], image_hw: Sequence[int], mask_path, 
                                  "ratio, so probably not this image's mask")
 
 
-def _hw(size) -> tuple[int, int] | None:
+def size_hw(size) -> tuple[int, int] | None:
     if size is None:
         return None
     if isinstance(size, (int, np.integer)):
@@ -107,7 +107,7 @@ class LoadAnomalyImaged(Transform):
 
         if in_channels not in (None, 1, 3):
             raise input_error(None, f"in_channels must be 1 or 3, got {in_channels!r}")
-        self.image_size = _hw(image_size)
+        self.image_size = size_hw(image_size)
         self.in_channels = in_channels
         if self.image_size is not None:
             self._resize_mask = Resize(self.image_size, mode="nearest")

@@ -47,7 +47,7 @@ def _is_hidden(p: Path) -> bool:
     return p.name.startswith(".")
 
 
-def _is_image(p: Path) -> bool:
+def is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(p) and p.is_file()
 
 
@@ -71,7 +71,7 @@ def list_images(folder, required: bool = True) -> list[Path]:
         if required:
             _require_dir(folder)
         return []
-    files = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+    files = sorted((p for p in folder.iterdir() if is_image(p)), key=lambda p: p.name)
     if not files and required:
         raise input_error(folder, f"no image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) in this folder")
     return files

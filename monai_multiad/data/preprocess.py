@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monai_multiad.data.images import _LUMA, _hw, _to_unit_float
+from monai_multiad.data.images import LUMA, size_hw, to_unit_float
 
 __all__ = ["DevicePreprocessor"]
 
@@ -107,11 +107,11 @@ class DevicePreprocessor:
 
     def __init__(self, image_size, in_channels: int | None, device: torch.device | str,
                  pin_memory: bool | None = None) -> None:
-        self.size = _hw(image_size)
+        self.size = size_hw(image_size)
         self.in_channels = in_channels
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
-        self._luma = torch.as_tensor(_LUMA, device=self.device)  # built once
+        self._luma = torch.as_tensor(LUMA, device=self.device)  # built once
         self._staging = _PinnedStaging() if self.pin_memory else None
 
     # ------------------------------------------------------------------ host -> device
@@ -125,7 +125,7 @@ class DevicePreprocessor:
             return arr
         if arr.dtype == np.float64:
             return arr.astype(np.float32)  # read_image's own first step
-        return _to_unit_float(arr)  # uint32, int64, uint64: scaled here, sent as float32 in [0, 1]
+        return to_unit_float(arr)  # uint32, int64, uint64: scaled here, sent as float32 in [0, 1]
 
     def _upload(self, groups: list[list[np.ndarray]]) -> list[torch.Tensor]:
         """Each group of equally shaped arrays -> one ``(n, H, W, C)`` tensor on the device (uint16 as
@@ -154,7 +154,7 @@ class DevicePreprocessor:
     # ------------------------------------------------------------------ on the device
 
     def _unit(self, t: torch.Tensor, dtype: np.dtype, contiguous: bool = True) -> tuple[torch.Tensor, float]:
-        """(n, H, W, C) as sent -> (float32 (n, C, H, W), divisor): ``x / divisor`` is ``images._to_unit_float``'s
+        """(n, H, W, C) as sent -> (float32 (n, C, H, W), divisor): ``x / divisor`` is ``images.to_unit_float``'s
         [0, 1] image. Unsigned images are divided after the resize (on a quarter of the pixels at 2x
         down; resize and gray <-> RGB are linear, so only float rounding, ~1e-7, tells the two apart);
         signed and float ones are scaled and clipped first, as clipping does not commute with resizing.

@@ -22,7 +22,7 @@ __all__ = ["make_texture", "plant_defect", "write_png", "write_mvtec_dataset", "
 DEFECT_KINDS = ("scratch", "blob")
 
 
-def _hw(size) -> tuple[int, int]:
+def size_hw(size) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)):
         size = (int(size), int(size))
     h, w = (int(s) for s in size)
@@ -40,7 +40,7 @@ def make_texture(size, seed: int = 0, channels: int = 1, pattern_seed: int = 0) 
     """
     if channels not in (1, 3):
         raise input_error(None, f"channels must be 1 or 3, got {channels!r}")
-    h, w = _hw(size)
+    h, w = size_hw(size)
     prng = np.random.default_rng(pattern_seed)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 
 from monai_multiad.errors import find_input_error, input_error
 from monai_multiad.transforms.intensity import intensity_kwargs, parse_window  # noqa: F401 - importable from here
-from monai_multiad.transforms.volume import FG_THRESHOLD, MIN_FOREGROUND, _recorded, load_volume
+from monai_multiad.transforms.volume import FG_THRESHOLD, MIN_FOREGROUND, recorded_slice, load_volume
 from monai_multiad.transforms.volume_dict import LoadVolumed, ScaleIntensityByModalityd, VolumeToSlicesd
 
 __all__ = ["LABEL_PATTERNS", "VolumeCase", "VolumeSliceDataset", "find_cases", "read_splits", "parse_window",
@@ -75,11 +75,11 @@ class VolumeCase:
 
 
 # ----------------------------------------------------------------------------- discovery
-def _is_label(name: str, patterns: Sequence[str]) -> bool:
+def is_label(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(name.lower(), p.lower()) for p in patterns)
 
 
-def _is_nifti(p: Path) -> bool:
+def is_nifti(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
 
 
@@ -91,7 +91,7 @@ def _stem(p: Path) -> str:
     return p.stem
 
 
-def _any_dicom(files: Sequence[Path], tries: int = 3) -> bool:
+def any_dicom(files: Sequence[Path], tries: int = 3) -> bool:
     """Whether one of the first ``tries`` regular, non-hidden files is DICOM (a cheap header check)."""
     from pydicom.misc import is_dicom
 
@@ -105,13 +105,13 @@ def _any_dicom(files: Sequence[Path], tries: int = 3) -> bool:
     return False
 
 
-def _holds_dicom(folder: Path) -> bool:
-    return _any_dicom(sorted(folder.rglob("*")))
+def holds_dicom(folder: Path) -> bool:
+    return any_dicom(sorted(folder.rglob("*")))
 
 
 def _pick_label(folder: Path, found: list[Path]) -> Path | None:
     if len(found) > 1:
-        found = [p for p in found if _is_nifti(p)] or found
+        found = [p for p in found if is_nifti(p)] or found
     if len(found) > 1:
         raise input_error(folder, f"several label volumes ({', '.join(p.name for p in found)}); keep one")
     return found[0] if found else None
@@ -119,18 +119,18 @@ def _pick_label(folder: Path, found: list[Path]) -> Path | None:
 
 def _case_from_folder(folder: Path, patterns: Sequence[str]) -> VolumeCase | None:
     children = sorted(c for c in folder.iterdir() if not c.name.startswith("."))
-    labels = [c for c in children if _is_label(c.name, patterns)]
-    images = [c for c in children if _is_nifti(c) and c not in labels]
+    labels = [c for c in children if is_label(c.name, patterns)]
+    images = [c for c in children if is_nifti(c) and c not in labels]
     if len(images) > 1:
         images = [c for c in images if c.name.lower().startswith("flair.")] or images
     if len(images) > 1:
         raise input_error(folder, f"several image volumes ({', '.join(c.name for c in images)}); expected one "
                                   f"(or a flair.nii.gz), other files named like a label {list(patterns)}")
     if not images:
-        if _any_dicom([c for c in children if c not in labels and not _is_nifti(c)]):
+        if any_dicom([c for c in children if c not in labels and not is_nifti(c)]):
             images = [folder]
         else:
-            images = [c for c in children if c.is_dir() and c not in labels and _holds_dicom(c)]
+            images = [c for c in children if c.is_dir() and c not in labels and holds_dicom(c)]
             if len(images) > 1:
                 raise input_error(folder, f"several DICOM series folders ({', '.join(c.name for c in images)}); "
                                           "expected one image per case folder")
@@ -149,19 +149,19 @@ def find_cases(root: str | Path, label_patterns: Sequence[str] = LABEL_PATTERNS)
         raise input_error(root, "volume dataset folder not found")
     cases: dict[str, VolumeCase] = {}
     entries = sorted(c for c in root.iterdir() if not c.name.startswith("."))
-    files = [c for c in entries if _is_nifti(c)]
+    files = [c for c in entries if is_nifti(c)]
     for c in entries:
         if c.is_dir():
             case = _case_from_folder(c, label_patterns)
             if case is not None:
                 cases[case.name] = case
     for f in files:
-        if _is_label(f.name, label_patterns):
+        if is_label(f.name, label_patterns):
             continue
         name = _stem(f)
         if name in cases:
             raise input_error(root, f"case {name!r} is both a folder and a file {f.name}")
-        found = [g for g in files if g != f and _is_label(g.name, label_patterns)
+        found = [g for g in files if g != f and is_label(g.name, label_patterns)
                  and g.name.lower().startswith(name.lower() + "_")]
         cases[name] = VolumeCase(name, f, _pick_label(root, found))
     return [cases[k] for k in sorted(cases)]
@@ -278,7 +278,7 @@ def _case_slices(entry: dict, transform) -> _CaseSlices:
     images = images.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
     labels = torch.tensor([bool(s.get("label", 0)) for s in slices], dtype=torch.bool)
     masks = {j: (torch.as_tensor(s["mask"]) > 0).to(torch.uint8) for j, s in enumerate(slices) if labels[j]}
-    geometry = _recorded(slices[0]["image"])[1]
+    geometry = recorded_slice(slices[0]["image"])[1]
     return _CaseSlices(name, images, [int(s["slice_index"]) for s in slices], labels, masks,
                        tuple(int(v) for v in geometry.slice_shape))
 
@@ -332,7 +332,7 @@ class VolumeSliceDataset(Dataset):
 
 
 def volume_slice_datasets(cfg, split: str = "train", preprocessing=None):
-    """Datasets of a volume folder for :func:`monai_multiad.workflow.build_datasets`.
+    """Datasets of a volume folder for :func:`monai_multiad.data.datasets.build_datasets`.
 
     Args:
         cfg: a :class:`~monai_multiad.config.RunConfig` (``dataset_dir``, ``image_size``,

@@ -15,7 +15,7 @@ import numpy as np
 from monai.data import MetaTensor
 
 from monai_multiad.errors import input_error
-from monai_multiad.transforms.loading import _check_affine
+from monai_multiad.transforms.loading import check_affine
 
 __all__ = ["SLICE_AXES", "SliceGeometry", "slice_affine", "slice_geometry"]
 
@@ -123,7 +123,7 @@ def slice_geometry(volume: MetaTensor, axis: str = "axial", orientation: str = "
         raise input_error(path, f"bad orientation {orientation!r}; expected 3 axis codes like 'RAS' or 'LPS'")
     if volume.ndim != 4:
         raise input_error(path, f"expected a volume (C, X, Y, Z), got shape {tuple(volume.shape)}")
-    affine = _check_affine(path, volume.affine.detach().cpu().numpy().astype(np.float64))  # a copy
+    affine = check_affine(path, volume.affine.detach().cpu().numpy().astype(np.float64))  # a copy
     src = nio.io_orientation(affine)
     perm = tuple(int(np.flatnonzero(src[:, 0] == w)[0]) for w in target[:, 0])
     flip = tuple(bool(src[p, 1] != s) for p, s in zip(perm, target[:, 1]))

@@ -56,7 +56,7 @@ def intensity_kwargs(modality: str, window=None) -> dict:
     return {"mode": str(modality).lower(), "window": win, "preset": preset}
 
 
-def _as_meta(img: Any) -> MetaTensor:
+def as_meta(img: Any) -> MetaTensor:
     if isinstance(img, MetaTensor):
         return img
     return MetaTensor(torch.as_tensor(np.asarray(img) if not isinstance(img, torch.Tensor) else img))
@@ -65,7 +65,7 @@ def _as_meta(img: Any) -> MetaTensor:
 def scale_intensity(img: Any, mode: str = "mri", lower: float = 0.5, upper: float = 99.5,
                     window: Sequence[float] | None = None, preset: str | None = None) -> MetaTensor:
     """Scale a volume to float32 ``[0, 1]``: see :class:`ScaleIntensityByModality`."""
-    img = _as_meta(img)
+    img = as_meta(img)
     x = img.as_tensor()
     mode = str(mode).lower()
     if mode == "ct":

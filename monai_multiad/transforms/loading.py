@@ -32,7 +32,7 @@ def _check_shape(path, shape: Sequence[int], allow_single_slice: bool) -> tuple[
     return spatial
 
 
-def _check_affine(path, affine) -> np.ndarray:
+def check_affine(path, affine) -> np.ndarray:
     aff = np.asarray(affine, dtype=float)
     lin = aff[:3, :3]
     norms = np.linalg.norm(lin, axis=0)
@@ -60,7 +60,7 @@ def _load_nifti(path: Path, dtype) -> MetaTensor:
     except Exception as e:  # noqa: BLE001 - any nibabel failure is a bad file
         raise input_error(path, f"cannot read as NIfTI ({type(e).__name__}: {e})") from None
     shape = _check_shape(path, img.shape, allow_single_slice=False)
-    affine = _check_affine(path, img.affine)
+    affine = check_affine(path, img.affine)
     try:
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # noqa: BLE001
@@ -88,7 +88,7 @@ def _sitk_to_volume(path, image, dtype, allow_single_slice, modality, fmt, **ext
     lps = np.eye(4)
     lps[:3, :3] = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
-    affine = _check_affine(path, _LPS_TO_RAS @ lps)
+    affine = check_affine(path, _LPS_TO_RAS @ lps)
     view = sitk.GetArrayViewFromImage(image)
     view = view.reshape(view.shape[-3:])  # size-1 leading (4th+) dimensions were checked above
     arr = view.transpose(2, 1, 0).astype(dtype)  # (z, y, x) -> (x, y, z), keeping x fastest in memory

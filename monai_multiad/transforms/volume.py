@@ -20,7 +20,7 @@ from monai.transforms import InvertibleTransform, Transform
 from monai_multiad.errors import input_error
 
 from monai_multiad.transforms.geometry import SliceGeometry, slice_affine, slice_geometry
-from monai_multiad.transforms.intensity import CT_WINDOWS, ScaleIntensityByModality, _as_meta, scale_intensity
+from monai_multiad.transforms.intensity import CT_WINDOWS, ScaleIntensityByModality, as_meta, scale_intensity
 from monai_multiad.transforms.loading import LoadVolume, load_volume
 
 # loading, intensities and the geometry live in their own modules; they are re-exported here so that
@@ -162,7 +162,7 @@ def volume_to_slices(volume: Any, axis: str = "axial", *, orientation: str = "RA
     Returns:
         ``(slices (N, C, H, W), indices (N canonical slice indices), geometry)``.
     """
-    vol = _as_meta(volume)
+    vol = as_meta(volume)
     geometry = slice_geometry(vol, axis, orientation, spatial_size)
     x, n = vol.as_tensor(), geometry.num_slices
     if indices is not None:
@@ -242,7 +242,7 @@ def slices_to_volume(slice_maps: Any, indices: Sequence[int], geometry: SliceGeo
     return MetaTensor(out, affine=torch.tensor(geometry.affine), meta=meta)
 
 
-def _recorded(item: Any) -> tuple[int, SliceGeometry] | None:
+def recorded_slice(item: Any) -> tuple[int, SliceGeometry] | None:
     """``(slice_index, geometry)`` recorded by :class:`VolumeToSlices` on a slice ``MetaTensor``."""
     for op in reversed(getattr(item, "applied_operations", []) or []):
         if op.get("class") == "VolumeToSlices":
@@ -286,7 +286,7 @@ class VolumeToSlices(InvertibleTransform):
     def select(self, img: Any) -> tuple[SliceGeometry, list[int]]:
         """The geometry of ``img`` ``(C, X, Y, Z)`` and the canonical indices of the slices this transform
         keeps (the foreground rule, or every slice with ``keep_all``), reading the volume once."""
-        vol = _as_meta(img)
+        vol = as_meta(img)
         geometry = slice_geometry(vol, self.axis, self.orientation, self.spatial_size)
         if self.keep_all:
             return geometry, list(range(geometry.num_slices))
@@ -302,7 +302,7 @@ class VolumeToSlices(InvertibleTransform):
     def __call__(self, img: Any, indices: Sequence[int] | None = None, mode: str | None = None) -> list[MetaTensor]:
         """Args: img: ``(C, X, Y, Z)``. indices: take these slices instead of the foreground rule.
         Returns: list of ``MetaTensor`` ``(C, H, W)``."""
-        img = _as_meta(img)
+        img = as_meta(img)
         stack, kept, geometry = self.slices(img, indices, mode)
         base = {k: v for k, v in geometry.meta.items() if v is not None}
         out = []
@@ -351,7 +351,7 @@ class SlicesToVolume(Transform):
     def __call__(self, slice_maps: Any, indices: Sequence[int] | None = None, reference: Any = None) -> MetaTensor:
         """Returns: ``MetaTensor`` ``(C, X, Y, Z)`` with the original shape and affine."""
         if isinstance(slice_maps, (list, tuple)):
-            recorded = [_recorded(m) for m in slice_maps]
+            recorded = [recorded_slice(m) for m in slice_maps]
             if indices is None:
                 indices = [int(m.meta["slice_index"]) if r is None else r[0] for m, r in zip(slice_maps, recorded)]
             if reference is None and recorded and recorded[0] is not None:
@@ -363,5 +363,5 @@ class SlicesToVolume(Transform):
             raise input_error(None, "SlicesToVolume needs the slice indices and a reference "
                                     "(the slice geometry or the original volume)")
         geometry = reference if isinstance(reference, SliceGeometry) else \
-            slice_geometry(_as_meta(reference), self.axis, self.orientation)
+            slice_geometry(as_meta(reference), self.axis, self.orientation)
         return slices_to_volume(slice_maps, indices, geometry, self.mode, self.fill, self.chunk_size)

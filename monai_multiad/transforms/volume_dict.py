@@ -28,8 +28,8 @@ from monai_multiad.transforms.volume import (
     ScaleIntensityByModality,
     SlicesToVolume,
     VolumeToSlices,
-    _as_meta,
-    _recorded,
+    as_meta,
+    recorded_slice,
     labelled_slices,
 )
 
@@ -171,7 +171,7 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
 def _on_grid_of(label: Any, image: Any) -> MetaTensor:
     """``label`` on ``image``'s grid: the same shape (else an error naming both files), the image's affine
     (so a label whose affine differs by rounding is cut exactly as its image)."""
-    label, image = _as_meta(label), _as_meta(image)
+    label, image = as_meta(label), as_meta(image)
     if tuple(label.shape[1:]) != tuple(image.shape[1:]):
         raise input_error(label.meta.get("filename_or_obj"),
                           f"label shape {tuple(label.shape[1:])} differs from its image "
@@ -223,7 +223,7 @@ class SlicesToVolumed(MapTransform):
         indices = [int(item[self.index_key]) for item in items] if self.index_key in items[0] else None
         reference = None
         if self.ref_key is not None:
-            recorded = _recorded(items[0][self.ref_key])
+            recorded = recorded_slice(items[0][self.ref_key])
             reference = recorded[1] if recorded is not None else None
         d = {name: value for name, value in items[0].items() if name != self.index_key}
         for key, mode in self.key_iterator(items[0], self.mode):
