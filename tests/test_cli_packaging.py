@@ -88,17 +88,21 @@ def test_bundle_metadata_pins_this_version(name):
 
 
 # ----------------------------------------------------------------------------- packaging
+def _tracked(folder: str) -> list[Path]:
+    """The files under ``folder`` that git tracks (outside a git checkout: those that exist)."""
+    try:
+        out = subprocess.run(["git", "ls-files", folder], cwd=ROOT, capture_output=True, text=True, check=True)
+        return [Path(p) for p in out.stdout.split()]
+    except (OSError, subprocess.CalledProcessError):
+        return [p.relative_to(ROOT) for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+
+
 def test_every_package_is_in_pyproject():
     """pyproject.toml lists its packages (to map monai_multiad.bundles to bundles/): every package folder
-    of monai_multiad/ that git tracks (or, outside a git checkout, that exists) must be there."""
+    of monai_multiad/ and every folder of bundles/ that git tracks must be there, so that wheels carry them."""
     listed = set(_pyproject()["tool"]["setuptools"]["packages"])
-    try:
-        tracked = subprocess.run(["git", "ls-files", "monai_multiad"], cwd=ROOT, capture_output=True, text=True,
-                                 check=True).stdout.split()
-        inits = [Path(p) for p in tracked if p.endswith("/__init__.py")]
-    except (OSError, subprocess.CalledProcessError):
-        inits = [p.relative_to(ROOT) for p in (ROOT / "monai_multiad").rglob("__init__.py")]
-    found = {".".join(p.parent.parts) for p in inits} | {"monai_multiad.bundles"}
+    found = {".".join(p.parent.parts) for p in _tracked("monai_multiad") if p.name == "__init__.py"}
+    found |= {".".join(("monai_multiad", *p.parent.parts)) for p in _tracked("bundles")}
     missing = sorted(found - listed)
     assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
     assert _pyproject()["tool"]["setuptools"]["package-dir"] == {"monai_multiad.bundles": "bundles"}
@@ -314,8 +318,9 @@ def test_wheel_carries_the_bundles_and_licence(tmp_path):
     assert {"monai_multiad/bundles/__init__.py", "monai_multiad/bundles/__main__.py",
             "monai_multiad/bundles/schema/meta_schema_20240725.json", "monai_multiad/__main__.py",
             f"monai_multiad-{version}.dist-info/licenses/LICENSE"} <= names
-    for package in _pyproject()["tool"]["setuptools"]["packages"]:
-        assert package.replace(".", "/") + "/__init__.py" in names, package
+    for package in _pyproject()["tool"]["setuptools"]["packages"]:  # code, or the bundles' data folders
+        folder = package.replace(".", "/") + "/"
+        assert folder + "__init__.py" in names or any(n.startswith(folder) for n in names), package
     assert not any(n.startswith(("tests/", "bundles/", "benchmarks/")) for n in names)
     metadata = zipfile.ZipFile(wheel).read(f"monai_multiad-{version}.dist-info/METADATA").decode()
     assert f"Version: {version}\n" in metadata and "License-Expression: Apache-2.0\n" in metadata
