@@ -200,7 +200,7 @@ def train_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path, Path | None
     Also used by ``python -m monai_multiad.distributed`` (:func:`distributed_main`)."""
     cfg = run_config(args)
     if not cfg.dataset_dir:
-        raise MultiADInputError("no dataset folder given")
+        raise MultiADInputError("no dataset folder given: pass DATASET_DIR, or a --config file with dataset_dir")
     if not args.run_dir:
         raise MultiADInputError("no run folder given: pass --run-dir FOLDER (or --run FOLDER)")
     run_dir = check_output_dir(args.run_dir, "run folder (--run-dir)", inputs=(cfg.dataset_dir,))

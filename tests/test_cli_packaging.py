@@ -178,7 +178,7 @@ def test_yaml_config_round_trip(tmp_path, monkeypatch, capsys):
         assert err.startswith("multiad: error: bad.yaml: ") and problem in err and err.count("\n") == 1, err
 
 
-def test_train_help_groups_and_run_alias():
+def test_train_help_groups_and_run_alias(tmp_path, monkeypatch, capsys):
     text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     heads = ["configuration file:", "data options:", "model options:", "training options:", "output:"]
     at = [text.index("\n" + h) for h in heads]
@@ -189,6 +189,14 @@ def test_train_help_groups_and_run_alias():
         assert at[head] < where < (at[head + 1] if head + 1 < len(at) else len(text)), option
     args = cli.build_parser().parse_args(["train", "data", "--run", "runs/x"])
     assert args.run_dir == "runs/x" == cli.build_parser().parse_args(["train", "data", "--run-dir", "runs/x"]).run_dir
+    # the dataset may come from --config, so both are checked after the file is read: one line each
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr().err == ("multiad: error: no dataset folder given: pass DATASET_DIR, or a --config "
+                                       "file with dataset_dir\n")
+    assert cli.main(["train", "data"]) == 2
+    assert capsys.readouterr().err == "multiad: error: no run folder given: pass --run-dir FOLDER (or --run FOLDER)\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- export
