@@ -113,8 +113,9 @@ def test_bundle_list_and_path(tmp_path, monkeypatch, capsys):
     for name in NAMES:  # as a shell's $(multiad bundle path brain_mri) runs it
         folder = Path(run(tmp_path, "bundle", "path", name.removeprefix("multiad_")).stdout.strip())
         assert folder.is_absolute() and folder.name == name
-        for rel in ("configs/metadata.json", "configs/train.json", "configs/inference.json", "docs/README.md",
-                    "LICENSE"):
+        files = [p.relative_to(Path("bundles") / name) for p in _tracked(f"bundles/{name}")]
+        assert {"configs/metadata.json", "configs/train.json", "docs/README.md", "LICENSE"} <= set(map(str, files))
+        for rel in files:  # every file of the bundle, as in the repository
             assert (folder / rel).read_bytes() == (BUNDLES / name / rel).read_bytes(), rel
         assert (folder.parent / "schema" / "meta_schema_20240725.json").is_file()
         folders[name] = folder
@@ -319,10 +320,11 @@ def test_wheel_carries_the_bundles_and_licence(tmp_path):
     (wheel,) = tmp_path.glob("monai_multiad-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     version = monai_multiad.__version__
-    for name in NAMES:
-        for rel in ("configs/metadata.json", "configs/train.json", "configs/evaluate.json", "configs/inference.json",
-                    "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md", "LICENSE"):
-            assert f"monai_multiad/bundles/{name}/{rel}" in names, (name, rel)
+    tracked = _tracked("bundles")
+    assert {f"bundles/{name}/{rel}" for name in NAMES for rel in ("configs/metadata.json", "configs/train.json",
+            "configs/logging.conf", "docs/README.md", "LICENSE")} <= set(map(str, tracked))
+    for path in tracked:  # every file of bundles/: configs, docs, LICENSE, the schema
+        assert f"monai_multiad/{path}" in names, path
     assert {"monai_multiad/bundles/__init__.py", "monai_multiad/bundles/__main__.py",
             "monai_multiad/bundles/schema/meta_schema_20240725.json", "monai_multiad/__main__.py",
             f"monai_multiad-{version}.dist-info/licenses/LICENSE"} <= names
