@@ -20,7 +20,14 @@ The bundles' ``train.json`` builds a training run with the objects and steps ``m
   yes/no option as a shell passes it (``--rescreen true``);
 * :func:`prepare_run_dir`: the run folder checked, created, and its ``config.json``;
 * :func:`~monai_multiad.allocator.keep_freed_memory`: freed CPU memory kept for the next batch, as
-  ``multiad`` keeps it (each config's first ``initialize`` step).
+  ``multiad`` keeps it (each config's first ``initialize`` step);
+* for the configs MONAI's tools drive (``inference.json``, ``evaluate.json``: a ``dataset``, an ``inferer``,
+  an ``evaluator`` run by ``"$@evaluator.run()"``): :class:`ImageMetad` and :class:`ImageAnomalyInferer` (2D
+  images through a ``monai.engines.SupervisedEvaluator``, :func:`restore_map` and
+  :func:`without_empty_meta` in their ``postprocessing`` / ``preprocessing``), :class:`AtomicNibabelWriter` (``SaveImaged``'s
+  writer: a map file appears whole or not at all), :class:`ScoreWriter` (the per-input scores as
+  ``scores.csv``/``scores.json``), :func:`build_trainer` (``train#trainer`` with its ``max_epochs``) and
+  :func:`write_state_dict` (the plain state dict ``ckpt_export`` loads).
 
 This module sits at the top floor, beside the CLI: it may import from anything below it.
 """
@@ -43,6 +50,12 @@ from monai_multiad.networks import MultiAD
 
 __all__ = [
     "AnomalyMapNetwork",
+    "AtomicNibabelWriter",
+    "ImageAnomalyInferer",
+    "ImageMetad",
+    "ScoreWriter",
+    "build_trainer",
+    "write_state_dict",
     "anomaly_map_network",
     "check_command_line",
     "check_output_dir",
@@ -52,8 +65,10 @@ __all__ = [
     "keep_freed_memory",
     "prepare_run_dir",
     "require_dataset_dir",
+    "restore_map",
     "run_config",
     "volume_scans",
+    "without_empty_meta",
 ]
 
 def run_config(**options: Any) -> RunConfig:
@@ -101,8 +116,11 @@ class AnomalyMapNetwork(MultiAD):
     """
 
     def forward(self, x: torch.Tensor):
-        out = super().forward(x)
-        return out if self.training else out[0]
+        if not torch.jit.is_scripting():
+            out = MultiAD.forward(self, x)
+            return out if self.training else out[0]
+        t, s = self.eval_features(x)  # scripted (ckpt_export's default): the same map, inference only
+        return self.fused_map(t, s, x)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict loading checks every key and shape first and names what does not fit in one line
@@ -260,3 +278,170 @@ def volume_scans(folder: str | Path) -> list[str]:
         test = []
     chosen = [c for c in cases if c.name in set(test)] or cases
     return [str(c.image) for c in chosen]
+
+
+# ----------------------------------------------------------------------------- graphs MONAI's tools drive
+def build_trainer(cfg: RunConfig, network, loader, device, optimizer=None, d_optimizer=None, handlers=None,
+                  lr_scheduler="auto", max_epochs: int | None = None):
+    """``train#trainer``: :func:`monai_multiad.workflow.build_trainer`, with ``max_epochs`` shown in the config
+    (MONAI's training property ``train#trainer#max_epochs``; the bundles set it to ``--epochs``)."""
+    from monai_multiad.workflow import build_trainer as build
+
+    trainer = build(cfg, network, loader, device, optimizer=optimizer, d_optimizer=d_optimizer, handlers=handlers,
+                    lr_scheduler=lr_scheduler)
+    if max_epochs is not None:
+        if int(max_epochs) < 1:
+            raise MultiADInputError(f"train#trainer#max_epochs must be at least 1, got {max_epochs}")
+        trainer.state.max_epochs = int(max_epochs)
+    return trainer
+
+
+def write_state_dict(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Write the plain state dict of the run's network (``<run_dir>/model_state.pt`` by default, atomically):
+    what MONAI's ``ckpt_export`` and ``CheckpointLoader`` load into ``network_def`` without ``--key_in_ckpt``.
+    The run's ``model.pt`` (network, config and fusion statistics) is left as it is."""
+    from monai_multiad.outputs import atomic_path
+    from monai_multiad.run_folder import load_model
+
+    network = load_model(run_dir, "cpu")[0]
+    path = Path(path) if path else Path(run_dir) / "model_state.pt"
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp)
+    return path
+
+
+def without_empty_meta(x):
+    """``x`` (a ``MetaTensor``) with the ``meta`` entries that are ``None`` left out (a NIfTI file has no
+    ``modality``), which a ``DataLoader`` could not collate into a batch."""
+    meta = getattr(x, "meta", None)
+    if meta is not None:
+        for key in [k for k, v in meta.items() if v is None]:
+            del meta[key]
+    return x
+
+
+class ImageMetad:
+    """Dictionary transform after :class:`~monai_multiad.data.images.LoadAnomalyImaged`: the image becomes a
+    ``MetaTensor`` whose ``meta`` names its file (``filename_or_obj``, what ``SaveImaged`` names its output
+    after) and holds its ``original_size``, so both travel with it through an engine to ``postprocessing``."""
+
+    def __init__(self, keys: str = "image", path_key: str = "path", size_key: str = "original_size") -> None:
+        self.key, self.path_key, self.size_key = keys, path_key, size_key
+
+    def __call__(self, data: dict) -> dict:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        meta = {"filename_or_obj": str(d[self.path_key]), "original_channel_dim": "no_channel"}
+        if self.size_key in d:
+            meta["original_size"] = [int(v) for v in torch.as_tensor(d[self.size_key]).tolist()]
+        d[self.key] = MetaTensor(torch.as_tensor(d[self.key]), meta=meta)
+        return d
+
+
+class ImageAnomalyInferer:
+    """A MONAI ``Inferer`` for 2D images: ``inferer(images (B, C, H, W), network)`` runs the network
+    (``network(x) -> (maps, scores)``) and returns the maps ``(B, 1, H, W)`` as a ``MetaTensor`` whose
+    per-image ``meta`` is the image's with ``"score"`` added (``decollate_batch`` hands each image its own);
+    :func:`restore_map` then brings each map back to its image's ``original_size``."""
+
+    def __init__(self, amp: bool = False) -> None:
+        self.amp = bool(amp)
+
+    def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
+        from monai.data import MetaTensor
+        from monai.data.utils import collate_meta_tensor, decollate_batch
+
+        device = inputs.device
+        with torch.no_grad(), torch.autocast(device.type, enabled=self.amp and device.type == "cuda"):
+            maps, scores = network(torch.as_tensor(inputs), *args, **kwargs)
+        metas = [x.meta for x in decollate_batch(inputs)] if isinstance(inputs, MetaTensor) else [{}] * len(maps)
+        out = []
+        for amap, score, meta in zip(maps.float(), scores.float().tolist(), metas):
+            out.append(MetaTensor(amap, meta={**dict(meta), "score": float(score)}))
+        return collate_meta_tensor(out)
+
+
+def restore_map(amap):
+    """``postprocessing`` of a 2D map (``(1, S, S)`` ``MetaTensor``): resized back to its image's
+    ``original_size`` (:func:`~monai_multiad.data.images.restore_size`, as ``predict`` does), meta kept."""
+    from monai.data import MetaTensor
+
+    from monai_multiad.data.images import restore_size
+
+    size = amap.meta.get("original_size") if isinstance(amap, MetaTensor) else None
+    if not size:
+        return amap
+    out = restore_size(torch.as_tensor(amap), tuple(int(v) for v in size))
+    return MetaTensor(out, meta=dict(amap.meta))
+
+
+class AtomicNibabelWriter:
+    """``SaveImaged``'s ``writer`` for NIfTI maps: MONAI's ``NibabelWriter``, writing to a temporary name
+    beside the file and renaming it into place (:func:`~monai_multiad.outputs.atomic_path`): a map file is
+    there whole or not at all, as every output of this project."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        from monai.data import NibabelWriter
+
+        from monai_multiad.outputs import atomic_path
+
+        class _Atomic(NibabelWriter):
+            def write(self, filename, verbose: bool = False, **obj_kwargs):
+                with atomic_path(filename) as tmp:
+                    return super().write(str(tmp), verbose=verbose, **obj_kwargs)
+
+        return _Atomic(*args, **kwargs)
+
+
+class ScoreWriter:
+    """Evaluator handler: one row per input (its file, score, the decision against ``threshold`` and, for a
+    scan, the top slices), taken from each decollated item's ``pred`` ``MetaTensor`` (the ``scan_score`` a
+    :class:`~monai_multiad.inferers.VolumeSliceInferer` or the ``score`` an :class:`ImageAnomalyInferer`
+    puts in its ``meta``), written atomically to ``output_dir`` as ``scores.csv`` and ``scores.json`` once
+    the engine completes. ``threshold``: a number, a :class:`~monai_multiad.inferers.Threshold` or ``None``."""
+
+    def __init__(self, output_dir: str | Path, threshold: Any = None, pred_key: str = "pred",
+                 name: str = "scores") -> None:
+        self.output_dir = Path(output_dir)
+        self.threshold = getattr(threshold, "value", threshold)
+        self.source = getattr(threshold, "description", None)
+        self.pred_key, self.name = pred_key, name
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
+
+    def __call__(self, engine) -> None:
+        items = engine.state.output
+        for item in items if isinstance(items, list) else [items]:
+            meta = getattr(item[self.pred_key], "meta", {})
+            score = float(meta["scan_score"] if "scan_score" in meta else meta["score"])
+            thr = self.threshold
+            row = {"path": str(meta.get("filename_or_obj", "")), "score": score,
+                   "anomalous": bool(thr is not None and score > float(thr)), "threshold": thr}
+            if "top_slices" in meta:
+                row["top_slices"] = [int(v) for v in torch.as_tensor(meta["top_slices"]).reshape(-1).tolist()]
+            if meta.get("saved_to"):
+                row["map"] = str(meta["saved_to"])
+            self.rows.append(row)
+
+    def write(self) -> None:
+        import csv
+        import io
+
+        from monai_multiad.outputs import write_json, write_text
+
+        fields = ["path", "score", "anomalous", "threshold", "top_slices", "map"]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow({**r, "top_slices": " ".join(map(str, r.get("top_slices", [])))})
+        write_text(self.output_dir / f"{self.name}.csv", text.getvalue())
+        write_json(self.output_dir / f"{self.name}.json", {"threshold": self.threshold,
+                                                          "threshold_source": self.source, "rows": self.rows})

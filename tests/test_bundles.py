@@ -186,9 +186,9 @@ def test_industrial_train_evaluate_inference(industrial):
         assert score == pytest.approx(reference["scores"][path], rel=1e-6, abs=1e-9), path
     assert "image_auroc" in proc.stdout and (evaluated_dir / "contact_sheet.png").is_file()
 
-    # and inference.json's (default bundle_root/eval/predictions)
+    # and predict.json's (default bundle_root/eval/predictions)
     out = industrial["cwd"] / "predicted"
-    bundle("multiad_industrial", "run", "--config_file", "configs/inference.json", "--bundle_root",
+    bundle("multiad_industrial", "run", "--config_file", "configs/predict.json", "--bundle_root",
            "bundle_root", "--dataset_dir", "bottle", "--device", "cpu", "--output_dir", "predicted",
            cwd=industrial["cwd"])
     assert not (industrial["root"] / "eval" / "predictions").exists()
@@ -278,8 +278,8 @@ def test_brain_train_evaluate_screen(brain):
     for path, score in evaluated.items():
         assert score == pytest.approx(reference["scores"][path], rel=1e-5, abs=1e-8), path  # float32 sums in another order
 
-    # a top-level option of `multiad screen` (--map-format) given to inference.json takes effect
-    proc = bundle("multiad_brain_mri", "run", "--config_file", "configs/inference.json", "--bundle_root",
+    # a top-level option of `multiad screen` (--map-format) given to screen.json takes effect
+    proc = bundle("multiad_brain_mri", "run", "--config_file", "configs/screen.json", "--bundle_root",
                   "bundle_root", "--dataset_dir", "volumes", "--device", "cpu", "--map_format", "nii", cwd=brain["cwd"])
     report = json.loads((brain["root"] / "eval" / "screening" / "report.json").read_text())
     assert [r["status"] for r in report] == ["ok"]  # the test case of splits.json only
@@ -406,12 +406,12 @@ def test_run_config_checks_like_the_cli(tmp_path):
         check_command_line(["run", "--config_file", configs, "--early-stop-patience", "1"])
     check_command_line(["run", "--config_file", f"['{configs}']", "--dataset_dir", "/x", "--device", "cpu",
                         "--epochs", "3", "--run_config#epochs", "3", "--train#handlers", "[]"])
-    # evaluate.json and inference.json: their top-level keys are the options, checked the same way
+    # evaluate.json and screen.json: their top-level keys are the options, checked the same way
     evaluate = str(BUNDLES / "multiad_industrial" / "configs" / "evaluate.json")
     check_command_line(["run", "--config_file", evaluate, "--output_dir", "x", "--layout", "mvtec", "--batch_size", "4"])
     with pytest.raises(MultiADInputError, match="--output-dir is not an option of this bundle: did you mean --output_dir"):
         check_command_line(["run", "--config_file", evaluate, "--output-dir", "x"])
-    screen = str(BUNDLES / "multiad_brain_mri" / "configs" / "inference.json")
+    screen = str(BUNDLES / "multiad_brain_mri" / "configs" / "screen.json")
     check_command_line(["run", "--config_file", screen, "--window", "brain", "--rescreen", "true", "--workers", "2"])
     assert flag("True", "rescreen") is True and flag(False, "rescreen") is False
     with pytest.raises(MultiADInputError, match="--rescreen 'maybe': expected true or false"):

@@ -56,6 +56,18 @@ def _identity_gate_se(channels: int) -> ChannelSELayer:
     return se
 
 
+def _scriptable_without_se(block: nn.Module) -> None:
+    """Give a MONAI ``MBConvBlock`` built without squeeze-and-excitation (every Lite block) parameter-free
+    stand-ins for its SE modules: its ``forward`` names them in the branch ``if self.has_se``, which
+    ``torch.jit.script`` compiles even when it is never taken, so without them scripting fails in
+    ``_se_adaptpool``. The branch stays untaken (the numbers and the state-dict keys are unchanged)."""
+    if getattr(block, "has_se", True):
+        return
+    for name in ("_se_adaptpool", "_se_reduce", "_se_reduce_padding", "_se_expand", "_se_expand_padding"):
+        if not hasattr(block, name):
+            setattr(block, name, nn.Identity())
+
+
 class FeatureExtractor(nn.Module):
     """Base class: ``forward(x (B, 3, H, W)) -> [F1, F2, F3, F4]`` at strides 4, 8, 16, 32.
 
@@ -69,6 +81,14 @@ class FeatureExtractor(nn.Module):
     def __init__(self, stage_se: bool = False) -> None:
         super().__init__()
         self.stage_se = stage_se
+
+    def _apply_stage_se(self, stages: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``self.se[k](stages[k])`` for each stage, written so ``torch.jit.script`` compiles it (a module
+        list is indexed by a constant only: this loop over it is unrolled)."""
+        out: list[torch.Tensor] = []
+        for k, block in enumerate(self.se):
+            out.append(block(stages[k]))
+        return out
 
     def _make_stage_se(self) -> None:
         self.se = nn.ModuleList(_stage_se(c) if self.stage_se else nn.Identity() for c in self.out_channels)
@@ -99,23 +119,25 @@ class EfficientNetLiteFeatures(FeatureExtractor):
         for stack in net._blocks:
             for block in stack:
                 block._swish = nn.ReLU6()
+                _scriptable_without_se(block)
         if pretrained:
             path = W.lite_weights_path(self.variant) if pretrained is True else Path(pretrained)
             W.load_complete(net, W.lite_state_dict(path, net, self.variant), path)
         if not keep_head:
             net._conv_head = net._conv_head_padding = net._bn1 = net._fc = nn.Identity()
         self.net = net
+        self._stage_list: list[int] = list(self._stages)  # an attribute torch.jit.script sees
         self._make_stage_se()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(net._conv_stem_padding(x))))
-        feats = []
+        stages: list[torch.Tensor] = []
         for i, stack in enumerate(net._blocks):
             x = stack(x)
-            if i in self._stages:
-                feats.append(self.se[len(feats)](x))
-        return feats
+            if i in self._stage_list:
+                stages.append(x)
+        return self._apply_stage_se(stages)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (B, 1000); needs ``keep_head=True``."""
@@ -207,11 +229,11 @@ class ResNet18Features(FeatureExtractor):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         n = self.net
         x = n.maxpool(n.act(n.bn1(n.conv1(x))))
-        feats = []
-        for i, layer in enumerate((n.layer1, n.layer2, n.layer3, n.layer4)):
-            x = layer(x)
-            feats.append(self.se[i](x))
-        return feats
+        f1 = n.layer1(x)
+        f2 = n.layer2(f1)
+        f3 = n.layer3(f2)
+        f4 = n.layer4(f3)
+        return self._apply_stage_se([f1, f2, f3, f4])
 
 
 BACKBONES: dict[str, type[FeatureExtractor]] = {

@@ -141,7 +141,7 @@ def _cosine_in_place(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> tor
 
 
 def stage_anomaly_maps(
-    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], size: Sequence[int]
+    teacher: list[torch.Tensor], student: list[torch.Tensor], size: list[int]
 ) -> torch.Tensor:
     """``1 - cos`` over channels per stage, bilinearly upsampled: (B, K, H, W) for ``size`` (H, W)."""
     maps = [
@@ -273,8 +273,8 @@ class AnomalyMapFusion(nn.Module):
         torch.addcmul(c.unsqueeze(-2).unsqueeze(-2), towards, mu, out=out.view(*lead, h, 2, H // h // 2, W))
         return out
 
-    def fuse_features(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-                      size: Sequence[int]) -> torch.Tensor:
+    def fuse_features(self, teacher: list[torch.Tensor], student: list[torch.Tensor],
+                      size: list[int]) -> torch.Tensor:
         """Stage features -> the fused map (B, 1, H, W): ``fuse_maps(stage_anomaly_maps(teacher, student, size))``.
 
         In eager mode it computes the same map with less work: each stage's offset and scale are
@@ -286,7 +286,15 @@ class AnomalyMapFusion(nn.Module):
         left out of the fused map are not computed. Traced, scripted, exported, compiled or with
         gradients enabled, it is the two functions in turn (``docs/results.md``, Speed, issue 12).
         """
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+        if torch.jit.is_scripting():
+            return self.fuse_maps(stage_anomaly_maps(teacher, student, size))
+        return self._fuse_features_eager(teacher, student, size)
+
+    @torch.jit.unused
+    def _fuse_features_eager(self, teacher: list[torch.Tensor], student: list[torch.Tensor],
+                             size: list[int]) -> torch.Tensor:
+        """:meth:`fuse_features` outside TorchScript (the eager path, or the two functions in turn)."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
                 or torch.compiler.is_compiling() or torch.is_grad_enabled():  # in-place steps below: no autograd
             return self.fuse_maps(stage_anomaly_maps(teacher, student, size))
         used = [self.num_stages - 1] if not self.fuse else [k - 1 for k in self.stages]

@@ -69,7 +69,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("std", torch.ones(1, dim, 1, 1))
         self.register_buffer("filled", torch.tensor(0))
 
-    def aggregate(self, teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    def aggregate(self, teacher: list[torch.Tensor]) -> torch.Tensor:
         """Locally averaged features of the bank's stages on the first one's grid, standardised: (B, C, h, w)."""
         first = teacher[self.stages[0] - 1]
         size = (first.shape[-2], first.shape[-1])
@@ -83,7 +83,7 @@ class MemoryBank(nn.Module):
             parts.append(f)
         return (torch.cat(parts, 1) - self.mean) / self.std
 
-    def forward(self, teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, teacher: list[torch.Tensor]) -> torch.Tensor:
         x = self.aggregate(teacher)
         b, c, h, w = x.shape
         q = x.permute(0, 2, 3, 1).reshape(-1, c)

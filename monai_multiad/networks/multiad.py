@@ -226,7 +226,7 @@ class MultiAD(nn.Module):
         t, s = self.features(x)
         return self._maps(t, s, x.shape[-2:])
 
-    def _maps(self, t, s, size) -> torch.Tensor:
+    def _maps(self, t: list[torch.Tensor], s: list[torch.Tensor], size: list[int]) -> torch.Tensor:
         maps = [stage_anomaly_maps(t, s, size)]
         if self.memory_bank is not None:
             maps.append(self.memory_bank(t))
@@ -241,12 +241,30 @@ class MultiAD(nn.Module):
             return {"teacher": t, "student": s}
         # the maps are small next to the networks: fuse them in float32 even under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
-            t, s = [f.float() for f in t], [f.float() for f in s]
-            if self.memory_bank is None and self.segmentation_head is None:
-                fused = self.fusion.fuse_features(t, s, x.shape[-2:])
-            else:
-                fused = self.fusion.fuse_maps(self._maps(t, s, x.shape[-2:]))
-            if self.foreground is not None:
-                fused = fused * self.foreground(x)
+            fused = self.fused_map(t, s, x)
             return fused, self.fusion.score(fused)
+
+    def eval_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher and student stage features of a [0, 1] batch for inference: :meth:`features` without
+        the input checks and the training options, in a form ``torch.jit.script`` compiles (the
+        ``forward`` of a scripted :class:`~monai_multiad.bundle_support.AnomalyMapNetwork`)."""
+        x = self.normalize(x)
+        t = self.teacher(x)
+        if self.feature_norm:
+            means = [self.feature_mean0, self.feature_mean1, self.feature_mean2, self.feature_mean3]
+            stds = [self.feature_std0, self.feature_std1, self.feature_std2, self.feature_std3]
+            t = [(f - means[k]) / stds[k] for k, f in enumerate(t)]
+        return t, self.student(x)
+
+    def fused_map(self, t: list[torch.Tensor], s: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The anomaly map (B, 1, H, W) of stage features ``t``, ``s`` of the batch ``x``, in float32."""
+        t, s = [f.float() for f in t], [f.float() for f in s]
+        size = [x.shape[-2], x.shape[-1]]
+        if self.memory_bank is None and self.segmentation_head is None:
+            fused = self.fusion.fuse_features(t, s, size)
+        else:
+            fused = self.fusion.fuse_maps(self._maps(t, s, size))
+        if self.foreground is not None:
+            fused = fused * self.foreground(x)
+        return fused
 

@@ -40,7 +40,7 @@ class SegmentationHead(nn.Module):
             nn.Conv2d(width, 1, 1),
         )
 
-    def inputs(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    def inputs(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
         """The products of the L2-normalised features of the used stages, on the first one's grid."""
         first = teacher[self.stages[0] - 1]
         size = (first.shape[-2], first.shape[-1])
@@ -52,5 +52,5 @@ class SegmentationHead(nn.Module):
             parts.append(p)
         return torch.cat(parts, 1)
 
-    def forward(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
         return self.net(self.inputs(teacher, student))
