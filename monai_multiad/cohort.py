@@ -296,9 +296,8 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
               "threshold_kind": scan_thr.source, "slice_threshold": slice_thr.value,
               "slice_threshold_source": slice_thr.description}
     record = _as_json({"model_sha256": model_identity(run if isinstance(run, (str, Path)) else loaded),
-                       "modality": settings.modality, "window": settings.window, "slice_axis": settings.slice_axis,
-                       "image_size": settings.image_size, "top_k": settings.top_k, "series_uid": series_uid,
-                       "map_format": map_format, **{k: v for k, v in failed.items() if k != "threshold_kind"}})
+                       **settings.calibration_key(), "series_uid": series_uid, "map_format": map_format,
+                       **{k: v for k, v in failed.items() if k != "threshold_kind"}})
     records = [{**record, "scan": str(s), "scan_file": _scan_stamp(s)} for s in scans]
     rank, world = idist.get_rank(), idist.get_world_size()
     rows: dict[int, dict] = {}

@@ -203,8 +203,9 @@ def volume_metrics(rows: list[dict[str, Any]], cfg: RunConfig, fusion: dict, run
                    top_k: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Scan-level evaluation of a volume test split from its slice rows (``case``, ``label``,
     ``score``, ``slice_index``): a scan is abnormal when any of its slices is labelled (its label
-    volume is non-empty there), its score is screening's, the mean of its ``top_k`` highest slice
-    scores (``top_k`` default: the run's calibration's, else 3). Returns (one row per scan, metrics):
+    volume is non-empty there), its score is screening's, :func:`~monai_multiad.inferers.scan_score`
+    (``top_k`` default: the run's calibration's, else :data:`~monai_multiad.inferers.DEFAULT_TOP_K`).
+    Returns (one row per scan, metrics):
     scan AUROC (``None``, with the reason, when the scans are all of one kind), and sensitivity and
     specificity of scans and slices at the thresholds ``multiad screen`` flags with (calibrated ones
     when the run's ``calibration.json`` applies, else the normal threshold fitted at training)."""

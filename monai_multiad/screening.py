@@ -94,7 +94,8 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
             (B,))``, ``in_channels``).
         volume: ``MetaTensor`` ``(1, X, Y, Z)`` with its affine, or a NIfTI file / DICOM folder path.
         modality, window, axis, image_size, top_k: the :class:`~monai_multiad.inferers.ScreeningSettings`
-            (default: the run's; ``top_k``: its calibration's, else 3).
+            (default: the run's; ``top_k``: its calibration's, else
+            :data:`~monai_multiad.inferers.DEFAULT_TOP_K`).
         batch_size: slices per forward pass (:class:`~monai_multiad.inferers.VolumeSliceInferer`).
         threshold: decision threshold on the scan score (default the run's calibrated scan threshold
             for these settings, else its normal threshold).

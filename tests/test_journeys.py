@@ -17,24 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN, copy_work, multiad_command
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-# tiny runs: 64 px, ResNet-18 without downloaded weights, a small discriminator, one epoch (2 steps on 10 images)
-TINY = ["--image-size", "64", "--batch-size", "8", "--epochs", "1", "--backbone", "resnet18",
-        "--pretrained", "none", "--discriminator-channels", "16", "32", "--early-stop-patience", "0",
-        "--val-fraction", "0.2", "--device", "cpu"]
+TINY = TINY_TRAIN
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
-
-
-def _multiad() -> list[str]:
-    """The ``multiad`` script of this environment (what the README runs), else the module."""
-    script = Path(sys.executable).parent / "multiad"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "monai_multiad.cli"]
 
 
 def multiad(cwd: Path, *args: str, code: int | None = 0, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*_multiad(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([*multiad_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=ENV if env is None else env)
     if code is not None and proc.returncode != code:
         raise AssertionError(f"multiad {' '.join(args)} exited {proc.returncode}, expected {code}:\n"
@@ -60,20 +52,11 @@ def tree_digest(root: Path) -> dict[str, str]:
     return out
 
 
-def _write_textures(root: Path) -> Path:
-    from monai_multiad.data.synthetic_images import write_mvtec_dataset
-
-    return write_mvtec_dataset(root, n_train=12, n_test_good=4, n_test_defect=4, size=64, channels=3, seed=0)
-
-
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tiny_texture_run, tmp_path_factory) -> Path:
     """A working folder holding ``data/tex`` (MVTec layout) and ``runs/tex`` trained on it with
-    ``multiad train data/tex --run-dir runs/tex``."""
-    cwd = tmp_path_factory.mktemp("journey")
-    _write_textures(cwd / "data" / "tex")
-    multiad(cwd, "train", "data/tex", "--run-dir", "runs/tex", *TINY)
-    return cwd
+    ``multiad train data/tex --run-dir runs/tex`` (a copy of the suite's shared tiny run)."""
+    return copy_work(tiny_texture_run, tmp_path_factory.mktemp("journey") / "work")
 
 
 # ----------------------------------------------------------------------------- the README's demo
@@ -99,13 +82,14 @@ def test_readme_demo_command_as_written(tmp_path):
 
 
 # ----------------------------------------------------------------------------- industrial
-def test_industrial_train_evaluate_predict(work):
+def test_industrial_train_evaluate_predict(work, tiny_texture_run):
     run = work / "runs" / "tex"
     for name in ("config.json", "model.pt", "metrics.json", "log.csv"):
         assert (run / name).is_file(), name
     assert list((run / "checkpoints").glob("best_checkpoint_*.pt"))
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["dataset_dir"] == str(work / "data" / "tex")  # resolved once: usable from any folder
+    # resolved once where it was trained (work is a copy of that folder): usable from any folder
+    assert cfg["dataset_dir"] == str(tiny_texture_run / "data" / "tex")
 
     proc = multiad(work, "evaluate", "--run", "runs/tex", "--out", "eval/tex", "--device", "cpu")
     metrics = json.loads((work / "eval" / "tex" / "metrics.json").read_text())["evaluation"]

@@ -6,6 +6,7 @@ with another model, or with other settings, is screened again."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -21,10 +22,11 @@ import pytest
 import torch
 
 from monai_multiad.cohort import expand_scans
+from monai_multiad.report import REPORT_FIELDS
 from monai_multiad.config import RunConfig
 from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
 from monai_multiad.networks import MultiAD
-from monai_multiad.workflow import save_model
+from monai_multiad.run_folder import save_model
 from test_journeys import multiad as run_multiad
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -122,6 +124,16 @@ def test_report_of_one_process(work, one_process):
     assert [r["status"] for r in rows] == ["ok"] * 3 + ["failed"] + ["ok"] * 3
     assert "broken.nii.gz" in rows[3]["error"] and "\n" not in rows[3]["error"]
     assert len({r["scan_score"] for r in rows if r["status"] == "ok"}) > 1  # the scans are told apart
+    # one row type: report.json, report.csv and each scan's result.json have its fields, in its order, and a
+    # failed scan's row says the same threshold and where it came from as the others
+    assert all(tuple(r) == REPORT_FIELDS for r in rows)
+    with open(one_process / "report.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == REPORT_FIELDS and [r["name"] for r in table] == [r["name"] for r in rows]
+    assert {(r["threshold"], r["threshold_source"], r["threshold_kind"]) for r in rows} == {
+        (rows[0]["threshold"], rows[0]["threshold_source"], "uncalibrated")}
+    record = json.loads((one_process / CASES[0] / "result.json").read_text())
+    assert {k: record[k] for k in REPORT_FIELDS} == rows[0]
 
 
 def test_two_gloo_processes_give_the_report_of_one(work, one_process):
