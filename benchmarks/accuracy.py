@@ -81,9 +81,9 @@ STUDY: dict[str, dict] = {
     # the training images, the teacher the clean images), a memory bank of normal teacher features
     # (PatchCore's k-NN map) fused with the student's maps, at three sizes, and a segmentation head
     # trained on synthetic anomalies over the frozen teacher and student (DeSTSeg)
-    "st": {"train": {"denoise_fraction": 0.0, "memory_bank": 0}},
-    "st_dn50": {"train": {"denoise_fraction": 0.5, "memory_bank": 0}},
-    "st_dn100": {"train": {"denoise_fraction": 1.0, "memory_bank": 0}},
+    "st": {"train": {"denoise_fraction": 0.0, "memory_bank": 0, "segmentation_head_steps": 0}},
+    "st_dn50": {"train": {"denoise_fraction": 0.5, "memory_bank": 0, "segmentation_head_steps": 0}},
+    "st_dn100": {"train": {"denoise_fraction": 1.0, "memory_bank": 0, "segmentation_head_steps": 0}},
     "st+bank": {"from": "st", "refit": {"memory_bank": 4096}},
     "st_dn50+bank": {"from": "st_dn50", "refit": {"memory_bank": 4096}},
     "st_dn50+bank1024": {"from": "st_dn50", "refit": {"memory_bank": 1024}},

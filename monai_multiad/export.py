@@ -12,9 +12,10 @@ TorchScript file refuses other sizes (:class:`ShapeGuard`) and ONNX declares the
 
 Notes on what had to be worked around (and why the exported graphs still equal the model):
 
-* ``torch.jit.script`` fails on the backbones (``for layer in (n.layer1, ...)`` over a tuple of
-  modules) and on ``MultiAD.forward``'s train/eval return types, so TorchScript uses
-  ``torch.jit.trace``; traced at batch 2, the graph runs any batch size.
+* ``torch.jit.script`` fails on ``MultiAD.forward``'s train/eval return types, so this module's
+  TorchScript file is traced (``torch.jit.trace``; traced at batch 2, the graph runs any batch size).
+  The bundles' ``network_def`` (:func:`~monai_multiad.bundle_support.anomaly_map_network`, the map only)
+  scripts, for MONAI's ``ckpt_export`` in its default form.
 * The legacy (TorchScript-based) ONNX exporter is used (``dynamo=False``; the dynamo exporter
   needs ``onnxscript``). The fusion's Gaussian keeps its kernel as a buffer
   (:class:`~monai_multiad.networks.fusion.GaussianSmoothing`), so it exports as a constant.
@@ -281,16 +282,16 @@ def save_state_dict(run_dir_or_model: MultiAD | str | Path, path: str | Path, ke
     :func:`network_def_config`) and loads this file with ``ignite.handlers.Checkpoint.load_objects``
     (strict): a plain state dict (``key=None``, the default, with ``--key_in_ckpt`` unset) or
     ``{key: state_dict}`` (pass ``--key_in_ckpt key``, e.g. ``"model"`` as MONAI's
-    ``CheckpointSaver`` writes). The network cannot be scripted, so ``ckpt_export`` must trace::
+    ``CheckpointSaver`` writes). With the bundles' ``network_def`` (the map only, which scripts) it runs in
+    its default, scripted form::
 
         python -m monai.bundle ckpt_export network_def --filepath model.ts \\
-            --ckpt_file model_state.pt --meta_file metadata.json --config_file inference.json \\
-            --use_trace True --input_shape "[1, 3, 256, 256]"
+            --ckpt_file model_state.pt --meta_file metadata.json --config_file inference.json
 
     (the command line needs MONAI's optional ``fire`` package; ``monai.bundle.ckpt_export(...)``
-    with the same arguments does not). Without ``--use_trace True`` it tries ``torch.jit.script``,
-    which fails. The file gives the model's maps for any batch size (also when traced at batch 1)
-    at the traced spatial size, without :func:`export_torchscript`'s :class:`ShapeGuard`.
+    with the same arguments does not); ``--use_trace True --input_shape "[1, 3, 256, 256]"`` traces
+    instead. The file gives the model's maps for any batch size, without :func:`export_torchscript`'s
+    :class:`ShapeGuard`.
     """
     model = resolve_model(run_dir_or_model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -117,4 +117,5 @@ def assert_evaluation_matches(metrics: dict, reference: dict) -> None:
     assert metrics["pixel_auroc"] == pytest.approx(reference["pixel_auroc"], abs=PIXEL_AUROC_TOL)
     assert metrics["aupro"] == pytest.approx(reference["aupro"], abs=AUPRO_TOL)
     assert metrics["f1_max"] == pytest.approx(reference["f1_max"], abs=1e-12)
-    assert metrics["f1_threshold"] == pytest.approx(reference["f1_threshold"], rel=1e-6)
+    # the threshold is one of the scores, which agree to float32 sums in another order (rel 1e-5, as the scores)
+    assert metrics["f1_threshold"] == pytest.approx(reference["f1_threshold"], rel=1e-5)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import monai_multiad
+from conftest import copy_work, write_textures
 from monai_multiad import cli
 from monai_multiad.config import RunConfig, field_sections
 
@@ -202,15 +203,10 @@ def test_train_help_groups_and_run_alias(tmp_path, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- export
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    """A working folder with ``data/tex`` and ``runs/tex`` trained there by ``multiad train data/tex --run
-    runs/tex`` (the defaults' memory bank and segmentation head included)."""
-    from monai_multiad.data.synthetic_images import write_mvtec_dataset
-
-    cwd = tmp_path_factory.mktemp("export")
-    write_mvtec_dataset(cwd / "data" / "tex", n_train=12, n_test_good=4, n_test_defect=4, size=64, channels=3, seed=0)
-    run(cwd, "train", "data/tex", "--run", "runs/tex", *TINY)
-    return cwd
+def work(tiny_texture_run, tmp_path_factory) -> Path:
+    """A working folder with ``data/tex`` and ``runs/tex`` trained there by ``multiad train data/tex --run-dir
+    runs/tex`` (the defaults' memory bank and segmentation head included; a copy of the suite's shared run)."""
+    return copy_work(tiny_texture_run, tmp_path_factory.mktemp("export") / "work")
 
 
 def _model(run_dir: Path):
@@ -256,12 +252,13 @@ def test_export_onnx_journey(work):
                         "'monai-multiad[onnx]'")
     ort = pytest.importorskip("onnxruntime", reason="checking the ONNX file needs the optional package "
                               "onnxruntime: pip install 'monai-multiad[onnx]'")
-    # the paper's model (no memory bank: its chunked search exports for the traced batch size only)
-    run(work, "train", "data/tex", "--run", "runs/paper", *TINY, "--memory-bank", "0")
-    proc = run(work, "export", "--run", "runs/paper", "--out", "exported/paper.onnx")  # format from the name
-    assert "wrote exported/paper.onnx (onnx)" in proc.stdout
-    model = _model(work / "runs" / "paper")
-    session = ort.InferenceSession(str(work / "exported" / "paper.onnx"), providers=["CPUExecutionProvider"])
+    # the defaults' model, memory bank included: its search is one block in an exported graph, so the file
+    # runs at any batch size (the check runs it at another than the traced one)
+    proc = run(work, "export", "--run", "runs/tex", "--out", "exported/tex.onnx")  # format from the name
+    assert "wrote exported/tex.onnx (onnx)" in proc.stdout
+    model = _model(work / "runs" / "tex")
+    assert model.memory_bank is not None
+    session = ort.InferenceSession(str(work / "exported" / "tex.onnx"), providers=["CPUExecutionProvider"])
     x, amap, score = _reference(model, 3)
     got_map, got_score = session.run(None, {"image": x.numpy()})
     assert abs(got_map - amap.numpy()).max() < 1e-4 and abs(got_score - score.numpy()).max() < 1e-4
@@ -335,3 +332,46 @@ def test_wheel_carries_the_bundles_and_licence(tmp_path):
     metadata = zipfile.ZipFile(wheel).read(f"monai_multiad-{version}.dist-info/METADATA").decode()
     assert f"Version: {version}\n" in metadata and "License-Expression: Apache-2.0\n" in metadata
     assert "Project-URL: Paper, https://arxiv.org/abs/2602.05426" in metadata
+
+
+@pytest.mark.slow
+def test_installed_package_runs_its_bundle_and_exports(tmp_path):
+    """A user's journey without the checkout: the package installed from its wheel (not editable), then,
+    from another folder, ``python -m monai.bundle run`` of the installed industrial bundle trains on a tiny
+    folder, and ``multiad export`` writes a TorchScript file whose output equals the trained model's."""
+    import setuptools
+
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (77, 0):
+        pytest.skip(f"building the wheel needs setuptools>=77 (an SPDX license), found {setuptools.__version__}")
+    build, site, user = tmp_path / "build", tmp_path / "site", tmp_path / "user"
+    user.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(build), str(ROOT)], capture_output=True, text=True, timeout=600, env=ENV,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = build.glob("monai_multiad-*.whl")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                           str(wheel)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**ENV, "PYTHONPATH": str(site)}  # the installed copy comes first: the checkout is not used
+
+    def python(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, *args], cwd=user, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, f"{args}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        return done
+
+    assert python("-c", "import monai_multiad; print(monai_multiad.__file__)").stdout.startswith(str(site))
+    root = Path(python("-m", "monai_multiad", "bundle", "path", "industrial").stdout.strip())
+    assert root == site / "monai_multiad" / "bundles" / "multiad_industrial"
+    assert (root / "configs" / "train.json").is_file()
+    write_textures(user / "bottle")
+    python("-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", "mine",
+           "--dataset_dir", "bottle", "--image_size", "64", "--epochs", "1", "--batch_size", "8", "--backbone",
+           "resnet18", "--pretrained", "none", "--device", "cpu")
+    assert (user / "mine" / "models" / "model.pt").is_file() and not list(root.rglob("model.pt"))  # nothing installed
+    python("-m", "monai_multiad", "export", "--run", "mine/models", "--out", "model.ts")
+    model = _model(user / "mine" / "models")
+    scripted = torch.jit.load(str(user / "model.ts"))
+    x, amap, score = _reference(model, 2)
+    got_map, got_score = scripted(x)
+    assert float((got_map - amap).abs().max()) < 1e-4 and float((got_score - score).abs().max()) < 1e-4

@@ -88,7 +88,13 @@ class MemoryBank(nn.Module):
         b, c, h, w = x.shape
         q = x.permute(0, 2, 3, 1).reshape(-1, c)
         out = []
-        for chunk in q.split(2048):  # a 2048 x size block of distances stays in cache
+        # in eager mode a 2048 x size block of distances stays in cache; a traced or exported graph takes the
+        # queries in one block, since its split sizes would be fixed at the traced batch size
+        blocks = q.split(2048)
+        if not torch.jit.is_scripting():  # (a scripted graph keeps the blocks: its sizes are not fixed)
+            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+                blocks = [q]
+        for chunk in blocks:
             # min_m |q - m|^2 = |q|^2 + min_m (|m|^2 - 2 q.m): one matrix product and one reduction
             # (exportable, faster than cdist and than forming the full distances)
             d = torch.addmm(self.bank_sq, chunk, self.bank.t(), alpha=-2.0).amin(1)
