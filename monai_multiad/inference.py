@@ -17,7 +17,7 @@ from monai_multiad.handlers import ScoreRows
 from monai_multiad.inferers import LoadedRun, load_run, scan_score
 from monai_multiad.outputs import write_json, write_png, write_text
 from monai_multiad.metrics import AUPRO, F1Max, ImageAUROC, PixelAUROC
-from monai_multiad.visualize import contact_sheet, overlay
+from monai_multiad.visualize import caption, contact_sheet, overlay
 from monai_multiad.data.datasets import build_datasets, build_loader
 from monai_multiad.run_folder import load_model, resolve_device
 
@@ -150,7 +150,8 @@ def write_evaluation(evaluator, score_rows: ScoreRows, dataset, model: tuple, cf
     if volumes:
         write_text(out_dir / "scans.csv", _csv(scans, ["case", "label", "scan_score", "anomalous", "num_slices",
                                                        "top_slices"]))
-    _write_sheet(network, dataset, rows, out_dir / "contact_sheet.png", evaluator.state.device, sheet_size)
+    _write_sheet(network, dataset, rows, out_dir / "contact_sheet.png", evaluator.state.device, sheet_size,
+                 fusion.get("threshold"))
     return metrics
 
 
@@ -256,18 +257,53 @@ def _previous(path: Path) -> dict:
         return {}
 
 
-@torch.no_grad()
-def _write_sheet(network, dataset, rows, path: Path, device, n: int) -> None:
-    """Top row(s): the ``n`` highest-scored test images; bottom: the ``n`` lowest; ground truth outlined."""
+def _sheet_rows(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The contact sheet's images: the ``n`` highest-scored test images, then the ``n`` lowest-scored among
+    the informative ones. For slices of volumes those are the slices in the middle half of their scan's
+    screened slices (the lowest scores otherwise go to the near-empty slices at the top and bottom of a
+    head)."""
     order = sorted(rows, key=lambda r: -r["score"])
-    picks = order[:n] + order[-n:] if len(order) > 2 * n else order
+    if len(order) <= 2 * n:
+        return order
+    low = order
+    if "slice_index" in order[0]:
+        span: dict[str, tuple[int, int]] = {}
+        for r in rows:
+            lo, hi = span.get(r["case"], (r["slice_index"], r["slice_index"]))
+            span[r["case"]] = (min(lo, r["slice_index"]), max(hi, r["slice_index"]))
+        middle = [r for r in order if abs(r["slice_index"] - sum(span[r["case"]]) / 2)
+                  <= (span[r["case"]][1] - span[r["case"]][0]) / 4]
+        low = middle if len(middle) >= n else order
+    top = order[:n]
+    chosen = {id(r) for r in top}
+    return top + [r for r in low if id(r) not in chosen][-n:]
+
+
+def _sheet_caption(row: dict[str, Any], threshold: float | None) -> list[str]:
+    """A tile's caption: which image (the file, or the scan and slice), its score against the threshold,
+    and its ground truth."""
+    name = f"{row['case']} slice {row['slice_index']}" if "case" in row else Path(row["path"]).name
+    if "case" not in row and Path(row["path"]).parent.name:
+        name = f"{Path(row['path']).parent.name}/{name}"
+    score = f"score {row['score']:.3g}"
+    if threshold is not None:
+        score += f" {'>' if row['score'] > threshold else '<='} {threshold:.3g}"
+    return [name, f"{score}  {'DEFECT' if row['label'] else 'normal'}"]
+
+
+@torch.no_grad()
+def _write_sheet(network, dataset, rows, path: Path, device, n: int, threshold: float | None = None) -> None:
+    """Top row(s): the ``n`` highest-scored test images; bottom: the ``n`` lowest (:func:`_sheet_rows`); ground
+    truth outlined; each tile captioned with its name, score against ``threshold`` and ground truth."""
+    picks = _sheet_rows(rows, n)
     items = [dataset[r["index"]] for r in picks]
     images = torch.stack([torch.as_tensor(it["image"]) for it in items]).to(device)
     maps, _ = network(images)
     vmax = float(maps.max())
     tiles = [
-        overlay(it["image"].numpy(), m[0].cpu().numpy(), vmax=vmax, mask=it["mask"][0].numpy() > 0.5)
-        for it, m in zip(items, maps)
+        caption(overlay(it["image"].numpy(), m[0].cpu().numpy(), vmax=vmax, mask=it["mask"][0].numpy() > 0.5),
+                _sheet_caption(r, threshold))
+        for it, m, r in zip(items, maps, picks)
     ]
     write_png(path, contact_sheet(tiles, columns=min(n, len(tiles))))
 

@@ -1,6 +1,7 @@
 """Pictures a person looks at: anomaly maps over their images, and contact sheets of the most
-and least anomalous test images. Numpy in, uint8 RGB out (no plotting library): the ground truth's
-outline is ``skimage.segmentation.find_boundaries``, the sheet ``skimage.util.montage``."""
+and least anomalous test images, each tile captioned. Numpy in, uint8 RGB out (no plotting library):
+the ground truth's outline is ``skimage.segmentation.find_boundaries``, the sheet ``skimage.util.montage``,
+the captions Pillow's built-in font."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 from skimage.util import montage
 
-__all__ = ["colorize", "overlay", "contact_sheet", "to_rgb_uint8"]
+__all__ = ["colorize", "overlay", "contact_sheet", "caption", "to_rgb_uint8"]
 
 # a perceptually ordered dark-blue -> cyan -> yellow -> red ramp (sampled, linearly interpolated)
 _RAMP = np.array(
@@ -58,3 +59,19 @@ def contact_sheet(tiles: Sequence[np.ndarray], columns: int = 4, pad: int = 4) -
         raise ValueError("no images for the contact sheet")
     grid = (-(-len(tiles) // columns), min(columns, len(tiles)))
     return montage(np.stack(tiles), fill=(0, 0, 0), grid_shape=grid, padding_width=pad, channel_axis=-1)
+
+
+def caption(tile: np.ndarray, lines: Sequence[str], color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """``tile`` (H, W, 3) uint8 with a black strip below it holding ``lines`` of text (Pillow's built-in
+    font; a line longer than the tile is cut with "~")."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    height = 12
+    strip = Image.new("RGB", (tile.shape[1], height * len(lines) + 4), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    for i, text in enumerate(lines):
+        while text and draw.textlength(text, font=font) > tile.shape[1] - 4:
+            text = text[:-2] + "~"
+        draw.text((2, 2 + height * i), text, fill=color, font=font)
+    return np.concatenate([tile, np.asarray(strip, dtype=np.uint8)], axis=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monai_multiad.visualize import contact_sheet, overlay
+from monai_multiad.visualize import caption, contact_sheet, overlay
 
 
 def _grid(tiles: list[np.ndarray], columns: int, pad: int) -> np.ndarray:
@@ -48,3 +48,35 @@ def test_overlay_outlines_the_mask_in_white():
         edge = _inner_outline(mask)
         assert edge[5, 0] and edge[5, -1]
         assert (out[edge] == 255).all() and np.array_equal(out[~edge], plain[~edge])
+
+
+def test_caption_adds_the_text_below_the_tile():
+    from PIL import Image, ImageDraw, ImageFont
+
+    tile = np.full((40, 120, 3), 90, np.uint8)
+    out = caption(tile, ["bottle/000.png", "score 2.5 > 1.2  DEFECT"])
+    assert out.shape == (40 + 2 * 12 + 4, 120, 3) and np.array_equal(out[:40], tile)  # the tile untouched
+    strip = out[40:]
+    inked = (strip > 0).any(axis=(1, 2))  # rows of the strip with text
+    assert strip.max() > 200 and inked[2:14].any() and inked[14:26].any()
+    # the first line as Pillow draws it, at the same place
+    ref = Image.new("RGB", (120, 28), (0, 0, 0))
+    ImageDraw.Draw(ref).text((2, 2), "bottle/000.png", fill=(255, 255, 255), font=ImageFont.load_default())
+    assert np.array_equal(strip[:14], np.asarray(ref)[:14])
+    long = caption(tile, ["x" * 200])
+    assert long.shape[1] == 120  # a line longer than the tile is cut, not the tile widened
+
+
+def test_sheet_picks_the_top_and_the_informative_bottom():
+    from monai_multiad.inference import _sheet_caption, _sheet_rows
+
+    # one scan of slices 0..19: the lowest scores at its ends (near-empty slices), a lesion at 9-11
+    rows = [{"case": "s", "slice_index": k, "score": float(abs(k - 9.5)) * -0.1 + (5.0 if 9 <= k <= 11 else 1.0),
+             "label": int(9 <= k <= 11), "path": "s.nii.gz", "index": k} for k in range(20)]
+    picks = _sheet_rows(rows, 3)
+    assert [r["slice_index"] for r in picks[:3]] == [9, 10, 11]
+    assert all(5 <= r["slice_index"] <= 14 for r in picks[3:])  # the middle half of the scan's slices
+    assert _sheet_caption(picks[0], 2.0) == ["s slice 9", "score 4.95 > 2  DEFECT"]
+    images = [{"path": f"/d/test/good/{i:03d}.png", "score": float(i), "label": 0, "index": i} for i in range(10)]
+    assert [r["index"] for r in _sheet_rows(images, 2)] == [9, 8, 1, 0]
+    assert _sheet_caption(images[1], None) == ["good/001.png", "score 1  normal"]
