@@ -62,14 +62,14 @@ STUDY: dict[str, dict] = {
     "nd_hard": {"train": {"discriminator": False, "adversarial_weight": 0.0, "hard_mining": 0.9}},
     "nd_flips": {"train": {"discriminator": False, "adversarial_weight": 0.0, "augment_flips": True}},
     "nd_hard99": {"train": {"discriminator": False, "adversarial_weight": 0.0, "hard_mining": 0.99}},
-    # the paper's ablation on the defaults chosen by finding 8 (hard mining + z-scored maps): from nd_hard
+    # the paper's ablation on the defaults of hard-feature distillation with z-scored maps: from nd_hard
     "def_no_se": {"train": {"student_se": False}},
     "def_with_d": {"train": {"discriminator": True, "adversarial_weight": 0.1}},
     # a discriminator balanced so that it does not win at once: spectral norm (no BatchNorm),
-    # one-sided label smoothing, instance noise (finding 10)
+    # one-sided label smoothing, instance noise
     "def_d_balanced": {"train": {"discriminator": True, "adversarial_weight": 0.1, "discriminator_spectral_norm": True,
                                  "d_label_smoothing": 0.1, "d_instance_noise": 0.05}},
-    # convergence levers on the defaults (finding 9): learning rate, hard-mining quantile, batch size
+    # convergence levers on the defaults: learning rate, hard-mining quantile, batch size
     # at the same number of images seen, and training length
     "def_lr3e-3": {"train": {"lr": 3e-3}},
     "def_lr3e-3_cosine": {"train": {"lr": 3e-3, "lr_schedule": "cosine"}},

@@ -16,7 +16,7 @@ Per backbone, batch size and device, at ``--image-size`` (256) px:
 * ``cohort``: ``monai_multiad.cohort.screen_paths`` (what ``multiad screen`` runs on a folder) over
   ``--cohort-volumes`` phantoms of size x size x ``--cohort-slices``, once per ``--cohort-workers``
   value (DataLoader processes reading the next scans and a writer thread; 0: all in turn), against the
-  bare networks on all the slices it screened: the issue's "end to end <= 1.5x the model compute".
+  bare networks on all the slices it screened (the target: end to end at most 1.5x the model compute).
 
 Timings: ``--warmup`` untimed runs, then the median of ``--repeats`` (CUDA synchronised). What is
 compared in a ratio (pipeline and bare networks; Multi-AD and STFPM) is timed interleaved, call by

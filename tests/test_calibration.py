@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PHANTOM_SHAPE, copy_work, write_phantom
 
 from monai_multiad.calibration import min_normals, threshold_at_fpr
 
@@ -114,27 +115,21 @@ def test_the_rule_keeps_its_promise_on_new_normals():
 
 
 # ----------------------------------------------------------------------------- volumes, as a user
-SHAPE = (48, 48, 14)
+SHAPE = PHANTOM_SHAPE
 
 
 def _phantom(path: Path, seed: int, lesion: bool = False) -> np.ndarray:
-    from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_nifti
-
-    image, label = make_phantom_volume(SHAPE, lesion=lesion, seed=seed)
-    write_nifti(path, np.round(image).astype(np.int16))
-    return label
+    return write_phantom(path, seed, lesion, SHAPE)
 
 
 @pytest.fixture(scope="module")
-def vols(tmp_path_factory) -> Path:
-    """``runs/vol``: a tiny model trained on 3 normal phantoms; ``data/normals/`` 9 more normal phantoms
-    (and an empty mask, which calibrate must leave out), ``data/normal_series/`` a tenth as a DICOM series,
-    ``data/new/`` a normal and a lesion phantom to screen."""
+def vols(tiny_volume_run, tmp_path_factory) -> Path:
+    """``runs/vol``: a tiny model trained on 3 normal phantoms (a copy of the suite's shared volume run);
+    ``data/normals/`` 9 more normal phantoms (and an empty mask, which calibrate must leave out),
+    ``data/normal_series/`` a tenth as a DICOM series, ``data/new/`` a normal and a lesion phantom to screen."""
     from monai_multiad.data.synthetic_volumes import make_phantom_volume, write_dicom_series, write_nifti
 
-    cwd = tmp_path_factory.mktemp("calibrate")
-    for i in range(3):
-        _phantom(cwd / "data" / "train" / f"normal_{i}.nii.gz", seed=10 + i)
+    cwd = copy_work(tiny_volume_run, tmp_path_factory.mktemp("calibrate") / "work")
     for i in range(9):
         _phantom(cwd / "data" / "normals" / f"normal_{i}.nii.gz", seed=100 + i)
     write_nifti(cwd / "data" / "normals" / "normal_0_mask.nii.gz", np.zeros(SHAPE, np.uint8))
@@ -142,8 +137,6 @@ def vols(tmp_path_factory) -> Path:
     write_dicom_series(cwd / "data" / "normal_series", image)
     _phantom(cwd / "data" / "new" / "normal_new.nii.gz", seed=200)
     _phantom(cwd / "data" / "new" / "lesion_new.nii.gz", seed=201, lesion=True)
-    multiad(cwd, "train", "data/train", "--run-dir", "runs/vol", *TINY, "--in-channels", "1", "--val-fraction", "0.34",
-            "--max-steps", "4", "--stages", "1", "2")
     return cwd
 
 

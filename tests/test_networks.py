@@ -350,7 +350,7 @@ def test_on_device_places_the_networks_in_the_runs_memory_layout_with_the_same_m
 def test_eager_fusion_equals_the_stage_map_stack(kwargs):
     """The eager inference path (``AnomalyMapFusion.fuse_features``: offset and scale on the small maps,
     clipped and summed in place, no (B, K, H, W) stack) gives the map of the reference path
-    ``fuse_maps(stage_anomaly_maps(...))`` to float rounding: the issue-12 speed change moves no map.
+    ``fuse_maps(stage_anomaly_maps(...))`` to float rounding: the faster fused path moves no map.
     With gradients on, the reference path itself runs."""
     torch.manual_seed(0)
     model = MultiAD("resnet18", pretrained=False, discriminator=False, **kwargs).eval()

@@ -46,7 +46,7 @@ def _halve_sums(x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> t
     float rounding (2 ulp at 0-255, ``tests/test_preprocess_device.py``), read in the source's own
     channels-last layout (no reordering copy of the source bytes first): a 512 px uint8 RGB image,
     both axes and the scaling, in 0.52 ms on one thread, against 0.76 for the same taps with a
-    scaling pass per axis (an interleaved timing made for issue 12, one thread)."""
+    scaling pass per axis (an interleaved timing, one thread)."""
     m = x.shape[dim] // 2
     pairs = x.unflatten(dim, (m, 2))
     even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)  # x[2i], x[2i + 1]

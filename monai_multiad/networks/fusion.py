@@ -284,7 +284,7 @@ class AnomalyMapFusion(nn.Module):
         added in place into one (B, 1, H, W) sum; the (B, K, H, W) stack, its z-scored copy, the
         clipped copy, the stage selection and the division of the sum are never made, and the stages
         left out of the fused map are not computed. Traced, scripted, exported, compiled or with
-        gradients enabled, it is the two functions in turn (``docs/results.md``, Speed, issue 12).
+        gradients enabled, it is the two functions in turn (``docs/results.md``, Speed).
         """
         if torch.jit.is_scripting():
             return self.fuse_maps(stage_anomaly_maps(teacher, student, size))
