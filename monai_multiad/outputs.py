@@ -159,11 +159,11 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
     A lock file ``.multiad.lock`` (pid, host, command, start time) is created exclusively; if
     another live process holds it, a :class:`MultiADInputError` names that process and nothing is
     written. A lock left by a process that no longer runs on this host (killed) is taken over with
-    a warning. The lock is removed at the end, and so is ``folder`` when this call created it and
-    nothing was written there (a command that fails on its input leaves nothing behind).
+    a warning. The lock is removed at the end, and so are ``folder`` and the parents this call created
+    when nothing was written there (a command that fails on its input leaves nothing behind).
     """
     folder = Path(folder)
-    created = not folder.exists()
+    created = [f for f in (folder, *folder.parents) if not f.exists()]  # the folders made here, deepest first
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
@@ -192,11 +192,11 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
     finally:
         if (_read_lock(lock) or {}).get("pid") == me["pid"]:
             lock.unlink(missing_ok=True)
-        if created:
+        for made in created:
             try:
-                folder.rmdir()  # only when empty
+                made.rmdir()  # only when empty
             except OSError:
-                pass
+                break
 
 
 def _read_lock(lock: Path) -> dict | None:

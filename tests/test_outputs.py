@@ -7,7 +7,7 @@ import os
 import pytest
 
 from monai_multiad.errors import MultiADInputError
-from monai_multiad.outputs import check_output_dir, write_json
+from monai_multiad.outputs import check_output_dir, folder_lock, write_json
 
 
 def test_usable_output_folders(tmp_path, monkeypatch):
@@ -42,3 +42,17 @@ def test_output_folder_without_write_permission(tmp_path):
     locked.mkdir(mode=0o500)
     with pytest.raises(MultiADInputError, match="no write permission"):
         check_output_dir(locked / "out")
+
+
+def test_a_failed_command_leaves_no_folder_it_made(tmp_path):
+    """The lock's folder and the parents it had to make go again when nothing was written there."""
+    with pytest.raises(MultiADInputError):
+        with folder_lock(tmp_path / "eval" / "bad", "multiad evaluate"):
+            raise MultiADInputError("mask.png: 32x64 for a 64x64 image")
+    assert list(tmp_path.iterdir()) == []
+    with folder_lock(tmp_path / "eval" / "good", "multiad evaluate") as out:
+        (out / "metrics.json").write_text("{}")
+    with folder_lock(tmp_path / "eval" / "empty", "multiad evaluate"):
+        pass
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["good"]  # kept: written, and its parent
+    assert [p.name for p in (tmp_path / "eval" / "good").iterdir()] == ["metrics.json"]  # the lock gone
