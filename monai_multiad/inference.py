@@ -280,15 +280,18 @@ def _sheet_rows(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def _sheet_caption(row: dict[str, Any], threshold: float | None) -> list[str]:
-    """A tile's caption: which image (the file, or the scan and slice), its score against the threshold,
-    and its ground truth."""
-    name = f"{row['case']} slice {row['slice_index']}" if "case" in row else Path(row["path"]).name
-    if "case" not in row and Path(row["path"]).parent.name:
-        name = f"{Path(row['path']).parent.name}/{name}"
+    """A tile's caption, three short lines: which image (the file in its folder, or the scan), its ground truth
+    (and the slice of a scan), its score against the threshold."""
+    truth = "DEFECT" if row["label"] else "normal"
+    if "case" in row:
+        name, truth = str(row["case"]), f"slice {row['slice_index']}  {truth}"
+    else:
+        path = Path(row["path"])
+        name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
     score = f"score {row['score']:.3g}"
     if threshold is not None:
         score += f" {'>' if row['score'] > threshold else '<='} {threshold:.3g}"
-    return [name, f"{score}  {'DEFECT' if row['label'] else 'normal'}"]
+    return [name, truth, score]
 
 
 @torch.no_grad()

@@ -76,7 +76,7 @@ def test_sheet_picks_the_top_and_the_informative_bottom():
     picks = _sheet_rows(rows, 3)
     assert [r["slice_index"] for r in picks[:3]] == [9, 10, 11]
     assert all(5 <= r["slice_index"] <= 14 for r in picks[3:])  # the middle half of the scan's slices
-    assert _sheet_caption(picks[0], 2.0) == ["s slice 9", "score 4.95 > 2  DEFECT"]
+    assert _sheet_caption(picks[0], 2.0) == ["s", "slice 9  DEFECT", "score 4.95 > 2"]
     images = [{"path": f"/d/test/good/{i:03d}.png", "score": float(i), "label": 0, "index": i} for i in range(10)]
     assert [r["index"] for r in _sheet_rows(images, 2)] == [9, 8, 1, 0]
-    assert _sheet_caption(images[1], None) == ["good/001.png", "score 1  normal"]
+    assert _sheet_caption(images[1], None) == ["good/001.png", "normal", "score 1"]
