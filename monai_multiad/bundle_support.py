@@ -22,12 +22,12 @@ The bundles' ``train.json`` builds a training run with the objects and steps ``m
 * :func:`~monai_multiad.allocator.keep_freed_memory`: freed CPU memory kept for the next batch, as
   ``multiad`` keeps it (each config's first ``initialize`` step);
 * for the configs MONAI's tools drive (``inference.json``, ``evaluate.json``: a ``dataset``, an ``inferer``,
-  an ``evaluator`` run by ``"$@evaluator.run()"``): :class:`ImageMetad` and :class:`ImageAnomalyInferer` (2D
-  images through a ``monai.engines.SupervisedEvaluator``, :func:`restore_map` and
-  :func:`without_empty_meta` in their ``postprocessing`` / ``preprocessing``), :class:`AtomicNibabelWriter` (``SaveImaged``'s
-  writer: a map file appears whole or not at all), :class:`ScoreWriter` (the per-input scores as
-  ``scores.csv``/``scores.json``), :func:`build_trainer` (``train#trainer`` with its ``max_epochs``) and
-  :func:`write_state_dict` (the plain state dict ``ckpt_export`` loads).
+  an ``evaluator`` run by ``"$@evaluator.run()"``): :class:`ImageMetad` and :func:`without_empty_meta` in
+  their ``preprocessing``, :class:`AtomicNibabelWriter` (``SaveImaged``'s writer: a map file appears whole
+  or not at all), :func:`build_trainer` (``train#trainer`` with its ``max_epochs``) and
+  :func:`write_state_dict` (the plain state dict ``ckpt_export`` loads); their inferers are in
+  :mod:`monai_multiad.inferers` (``VolumeSliceInferer``, ``ImageAnomalyInferer`` with ``restore_map``), the
+  scores' handler in :mod:`monai_multiad.handlers` (``ScoreWriter``).
 
 This module sits at the top floor, beside the CLI: it may import from anything below it.
 """
@@ -51,9 +51,7 @@ from monai_multiad.networks import MultiAD
 __all__ = [
     "AnomalyMapNetwork",
     "AtomicNibabelWriter",
-    "ImageAnomalyInferer",
     "ImageMetad",
-    "ScoreWriter",
     "build_trainer",
     "write_state_dict",
     "anomaly_map_network",
@@ -65,7 +63,6 @@ __all__ = [
     "keep_freed_memory",
     "prepare_run_dir",
     "require_dataset_dir",
-    "restore_map",
     "run_config",
     "volume_scans",
     "without_empty_meta",
@@ -339,42 +336,6 @@ class ImageMetad:
         return d
 
 
-class ImageAnomalyInferer:
-    """A MONAI ``Inferer`` for 2D images: ``inferer(images (B, C, H, W), network)`` runs the network
-    (``network(x) -> (maps, scores)``) and returns the maps ``(B, 1, H, W)`` as a ``MetaTensor`` whose
-    per-image ``meta`` is the image's with ``"score"`` added (``decollate_batch`` hands each image its own);
-    :func:`restore_map` then brings each map back to its image's ``original_size``."""
-
-    def __init__(self, amp: bool = False) -> None:
-        self.amp = bool(amp)
-
-    def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
-        from monai.data import MetaTensor
-        from monai.data.utils import collate_meta_tensor, decollate_batch
-
-        device = inputs.device
-        with torch.no_grad(), torch.autocast(device.type, enabled=self.amp and device.type == "cuda"):
-            maps, scores = network(torch.as_tensor(inputs), *args, **kwargs)
-        metas = [x.meta for x in decollate_batch(inputs)] if isinstance(inputs, MetaTensor) else [{}] * len(maps)
-        out = []
-        for amap, score, meta in zip(maps.float(), scores.float().tolist(), metas):
-            out.append(MetaTensor(amap, meta={**dict(meta), "score": float(score)}))
-        return collate_meta_tensor(out)
-
-
-def restore_map(amap):
-    """``postprocessing`` of a 2D map (``(1, S, S)`` ``MetaTensor``): resized back to its image's
-    ``original_size`` (:func:`~monai_multiad.data.images.restore_size`, as ``predict`` does), meta kept."""
-    from monai.data import MetaTensor
-
-    from monai_multiad.data.images import restore_size
-
-    size = amap.meta.get("original_size") if isinstance(amap, MetaTensor) else None
-    if not size:
-        return amap
-    out = restore_size(torch.as_tensor(amap), tuple(int(v) for v in size))
-    return MetaTensor(out, meta=dict(amap.meta))
-
 
 class AtomicNibabelWriter:
     """``SaveImaged``'s ``writer`` for NIfTI maps: MONAI's ``NibabelWriter``, writing to a temporary name
@@ -394,54 +355,3 @@ class AtomicNibabelWriter:
         return _Atomic(*args, **kwargs)
 
 
-class ScoreWriter:
-    """Evaluator handler: one row per input (its file, score, the decision against ``threshold`` and, for a
-    scan, the top slices), taken from each decollated item's ``pred`` ``MetaTensor`` (the ``scan_score`` a
-    :class:`~monai_multiad.inferers.VolumeSliceInferer` or the ``score`` an :class:`ImageAnomalyInferer`
-    puts in its ``meta``), written atomically to ``output_dir`` as ``scores.csv`` and ``scores.json`` once
-    the engine completes. ``threshold``: a number, a :class:`~monai_multiad.inferers.Threshold` or ``None``."""
-
-    def __init__(self, output_dir: str | Path, threshold: Any = None, pred_key: str = "pred",
-                 name: str = "scores") -> None:
-        self.output_dir = Path(output_dir)
-        self.threshold = getattr(threshold, "value", threshold)
-        self.source = getattr(threshold, "description", None)
-        self.pred_key, self.name = pred_key, name
-        self.rows: list[dict[str, Any]] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
-
-    def __call__(self, engine) -> None:
-        items = engine.state.output
-        for item in items if isinstance(items, list) else [items]:
-            meta = getattr(item[self.pred_key], "meta", {})
-            score = float(meta["scan_score"] if "scan_score" in meta else meta["score"])
-            thr = self.threshold
-            row = {"path": str(meta.get("filename_or_obj", "")), "score": score,
-                   "anomalous": bool(thr is not None and score > float(thr)), "threshold": thr}
-            if "top_slices" in meta:
-                row["top_slices"] = [int(v) for v in torch.as_tensor(meta["top_slices"]).reshape(-1).tolist()]
-            if meta.get("saved_to"):
-                row["map"] = str(meta["saved_to"])
-            self.rows.append(row)
-
-    def write(self) -> None:
-        import csv
-        import io
-
-        from monai_multiad.outputs import write_json, write_text
-
-        fields = ["path", "score", "anomalous", "threshold", "top_slices", "map"]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fields, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for r in self.rows:
-            writer.writerow({**r, "top_slices": " ".join(map(str, r.get("top_slices", [])))})
-        write_text(self.output_dir / f"{self.name}.csv", text.getvalue())
-        write_json(self.output_dir / f"{self.name}.json", {"threshold": self.threshold,
-                                                          "threshold_source": self.source, "rows": self.rows})

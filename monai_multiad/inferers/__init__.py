@@ -6,12 +6,14 @@
 * :mod:`~monai_multiad.inferers.thresholds`: decision thresholds and their source (:class:`Threshold`,
   whether a calibration applies);
 * :mod:`~monai_multiad.inferers.slice_inferer`: a volume to slice maps, slice scores and the scan score
-  (:class:`VolumeSliceInferer`, :func:`scan_score`).
+  (:class:`VolumeSliceInferer`, :func:`scan_score`);
+* :mod:`~monai_multiad.inferers.image_inferer`: 2D images to maps and scores (:class:`ImageAnomalyInferer`).
 
 Screening, volume evaluation, prediction, calibration, the cohort job, the CLI and the bundles build on it;
 it imports none of them.
 """
 
+from monai_multiad.inferers.image_inferer import ImageAnomalyInferer, restore_map
 from monai_multiad.inferers.run import LoadedRun, load_run
 from monai_multiad.inferers.settings import DEFAULT_TOP_K, ScreeningSettings
 from monai_multiad.inferers.slice_inferer import (
@@ -32,6 +34,6 @@ from monai_multiad.inferers.thresholds import (
     volume_thresholds,
 )
 
-__all__ = ["CALIBRATION_FILE", "DEFAULT_TOP_K", "LoadedRun", "MONTAGE_SLICES", "RankedSlices", "ScreeningSettings",
+__all__ = ["CALIBRATION_FILE", "DEFAULT_TOP_K", "ImageAnomalyInferer", "LoadedRun", "MONTAGE_SLICES", "RankedSlices", "ScreeningSettings",
            "SliceInference", "SliceMaps", "Threshold", "VolumeSliceInferer", "image_threshold", "load_calibration",
-           "load_run", "model_sha256", "rank_slices", "scan_score", "volume_thresholds"]
+           "load_run", "model_sha256", "rank_slices", "restore_map", "scan_score", "volume_thresholds"]
