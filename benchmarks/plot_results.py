@@ -22,48 +22,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot_roc import COLOURS, read_scores, roc_curve  # noqa: E402
+from plot_roc import COLOURS, curves_from, font as load_font, plot as plot_roc  # noqa: E402
 
-COLOURS = [*COLOURS, (255, 127, 14), (140, 86, 75)]
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray, float]], out: Path, title: str = "",
-             size: int = 480) -> None:
-    """A square ROC plot: the chance diagonal, one curve per entry, a legend with each AUROC."""
-    margin, font, small = 60, _font(15), _font(13)
-    img = Image.new("RGB", (size + 2 * margin, size + 2 * margin), "white")
-    draw = ImageDraw.Draw(img)
-
-    def xy(fx: float, fy: float) -> tuple[float, float]:
-        return margin + fx * size, margin + (1 - fy) * size
-
-    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    draw.line([xy(0, 0), xy(1, 1)], fill=(170, 170, 170))
-    for t in np.linspace(0, 1, 6):
-        draw.text((xy(t, 0)[0] - 10, margin + size + 6), f"{t:.1f}", fill="black", font=small)
-        draw.text((margin - 32, xy(0, t)[1] - 7), f"{t:.1f}", fill="black", font=small)
-    draw.text((margin + size / 2 - 70, margin + size + 28), "false positive rate", fill="black", font=font)
-    draw.text((margin, margin - 24), "true positive rate", fill="black", font=font)
-    if title:
-        draw.text((margin, 10), title, fill="black", font=font)
-    for i, (name, fpr, tpr, auc) in enumerate(curves):
-        colour = COLOURS[i % len(COLOURS)]
-        draw.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=2)
-        draw.text((margin + size * 0.35, margin + size * 0.75 + 20 * i), f"{name}: AUROC {auc:.3f}",
-                  fill=colour, font=font)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -98,7 +62,7 @@ def plot_bars(rows: list[dict], metric: str, labels: dict[str, str], out: Path, 
         return f"{base}, seed {seed}" if len(seeds_per_variant[variant]) > 1 and seed else base
 
     colour = {k: COLOURS[i % len(COLOURS)] for i, k in enumerate(keys)}
-    font, small = _font(15), _font(13)
+    font, small = load_font(15), load_font(13)
     bar, gap, plot_h, left, top = 34, 40, 320, 60, 50
     per_group = [[r for r in rows if r["dataset"] == d and r[metric] is not None] for d in datasets]
     width = left + sum(len(g) * bar + gap for g in per_group) + gap + 20
@@ -154,13 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "roc":
-        curves = []
-        for item in args.scores:
-            path, _, name = item.partition(":")
-            labels, scores = read_scores(Path(path))
-            fpr, tpr, auc = roc_curve(labels, scores)
-            curves.append((name or Path(path).parent.name, fpr, tpr, auc))
-        plot_roc(curves, Path(args.out), args.title)
+        plot_roc(curves_from(args.scores), Path(args.out), args.title)
     else:
         rows = [r for src in args.sources for r in read_rows(Path(src))]
         if args.groups:
