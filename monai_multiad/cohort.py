@@ -295,7 +295,7 @@ def screen_paths(run: Any, scans: Sequence[str | Path], out_dir: str | Path, dev
     failed = {"threshold": scan_thr.value, "threshold_source": scan_thr.description,
               "threshold_kind": scan_thr.source, "slice_threshold": slice_thr.value,
               "slice_threshold_source": slice_thr.description}
-    record = _as_json({"model_sha256": model_identity(run if isinstance(run, (str, Path)) else loaded),
+    record = _as_json({"model_sha256": loaded.identity(),
                        **settings.calibration_key(), "series_uid": series_uid, "map_format": map_format,
                        **{k: v for k, v in failed.items() if k != "threshold_kind"}})
     records = [{**record, "scan": str(s), "scan_file": _scan_stamp(s)} for s in scans]

@@ -168,6 +168,20 @@ def _rows(path: Path) -> dict[str, dict]:
     return {r["path"]: r for r in csv.DictReader(path.open())}
 
 
+def _run_inference(runs, name: str, out: Path) -> dict[str, dict]:
+    """The bundle's inference.json on its tiny run's data set, writing to ``out``: the rows of scores.csv."""
+    cwd, data, _ = runs[name]
+    bundle(name, "run", "--config_file", "configs/inference.json", "--bundle_root", "bundle_root",
+           "--dataset_dir", data, "--device", "cpu", "--output_dir", str(out), cwd=cwd)
+    return _rows(out / "scores.csv")
+
+
+def _load_map(cwd: Path, row: dict):
+    import nibabel as nib
+
+    return nib.load(row["map"] if Path(row["map"]).is_absolute() else str(cwd / row["map"]))
+
+
 def test_brain_inference_writes_maps_on_the_scan_grid(runs, tmp_path):
     import nibabel as nib
 
@@ -176,14 +190,12 @@ def test_brain_inference_writes_maps_on_the_scan_grid(runs, tmp_path):
 
     cwd, data, run = runs["multiad_brain_mri"]
     out = tmp_path / "maps"
-    bundle("multiad_brain_mri", "run", "--config_file", "configs/inference.json", "--bundle_root", "bundle_root",
-           "--dataset_dir", data, "--device", "cpu", "--output_dir", str(out), cwd=cwd)
-    rows = _rows(out / "scores.csv")
+    rows = _run_inference(runs, "multiad_brain_mri", out)
     assert len(rows) == 1  # the test case of splits.json
     (row,) = rows.values()
     scan = cwd / row["path"]
     assert scan == cwd / data / "lesion" / "flair.nii.gz"
-    written = nib.load(row["map"] if Path(row["map"]).is_absolute() else str(cwd / row["map"]))
+    written = _load_map(cwd, row)
     assert Path(written.get_filename()) == out / "lesion" / "flair_anomaly_map.nii.gz"
     image = nib.load(str(scan))
     assert written.shape == image.shape and np.allclose(written.affine, image.affine)
@@ -197,17 +209,13 @@ def test_brain_inference_writes_maps_on_the_scan_grid(runs, tmp_path):
 
 
 def test_industrial_inference_scores_as_predict(runs, tmp_path):
-    import nibabel as nib
     from PIL import Image
 
     from monai_multiad.bundle_support import image_inputs
     from monai_multiad.inference import predict
 
     cwd, data, run = runs["multiad_industrial"]
-    out = tmp_path / "maps"
-    bundle("multiad_industrial", "run", "--config_file", "configs/inference.json", "--bundle_root", "bundle_root",
-           "--dataset_dir", data, "--device", "cpu", "--output_dir", str(out), cwd=cwd)
-    rows = _rows(out / "scores.csv")
+    rows = _run_inference(runs, "multiad_industrial", tmp_path / "maps")
     predicted = {str(Path(p["path"]).resolve()): p for p in
                  predict(run, image_inputs(cwd / data), tmp_path / "predicted", device="cpu")}
     assert {str((cwd / p).resolve()) for p in rows} == predicted.keys() and len(rows) == 4
@@ -215,7 +223,7 @@ def test_industrial_inference_scores_as_predict(runs, tmp_path):
         reference = predicted[str((cwd / path).resolve())]
         assert float(row["score"]) == pytest.approx(reference["score"], rel=1e-5, abs=1e-7), path
         assert row["anomalous"] == str(reference["anomalous"])
-        amap = nib.load(row["map"] if Path(row["map"]).is_absolute() else str(cwd / row["map"]))
+        amap = _load_map(cwd, row)
         width, height = Image.open(cwd / path).size
         assert amap.shape == (height, width)  # back at the image's own size
         assert float(amap.get_fdata().max()) == pytest.approx(float(row["score"]), rel=1e-4)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PHANTOM_SHAPE, copy_work, write_phantom
+from conftest import PHANTOM_SHAPE, copy_work, multiad_command, write_phantom
 
 from monai_multiad.calibration import min_normals, threshold_at_fpr
 
@@ -30,13 +30,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 LGG = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg_flair"
 
 
-def _multiad() -> list[str]:
-    script = Path(sys.executable).parent / "multiad"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "monai_multiad.cli"]
-
-
 def multiad(cwd: Path, *args: str, code: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*_multiad(), *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=ENV)
+    proc = subprocess.run([*multiad_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=ENV)
     if code is not None and proc.returncode != code:
         raise AssertionError(f"multiad {' '.join(args)} exited {proc.returncode}, expected {code}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

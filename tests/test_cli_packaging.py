@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import monai_multiad
-from conftest import copy_work, write_textures
+from conftest import copy_work, multiad_command, write_textures
 from monai_multiad import cli
 from monai_multiad.config import RunConfig, field_sections
 
@@ -33,13 +33,8 @@ TINY = ["--image-size", "64", "--batch-size", "8", "--epochs", "1", "--backbone"
         "--device", "cpu"]
 
 
-def _multiad() -> list[str]:
-    script = Path(sys.executable).parent / "multiad"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "monai_multiad"]
-
-
 def run(cwd: Path, *args: str, code: int = 0, module: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", *args] if module else [*_multiad(), *args]
+    cmd = [sys.executable, "-m", *args] if module else [*multiad_command(), *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
     if proc.returncode != code:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}, expected {code}:\n{proc.stdout[-3000:]}\n"

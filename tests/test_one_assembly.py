@@ -18,6 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from conftest import multiad_command
 
 pytest.importorskip("fire", reason="`python -m monai.bundle` needs MONAI's optional package 'fire'")
 
@@ -75,8 +76,7 @@ def two_runs(tmp_path_factory) -> dict:
 
     cwd = tmp_path_factory.mktemp("one_assembly")
     write_mvtec_dataset(cwd / "data", n_train=12, n_test_good=2, n_test_defect=2, size=64, channels=1, seed=0)
-    multiad = Path(sys.executable).parent / "multiad"
-    cli = [str(multiad)] if multiad.is_file() else [sys.executable, "-m", "monai_multiad.cli"]
+    cli = multiad_command()
     cli_args = [a for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     bundle_args = [a for k, v in TINY.items() for a in (f"--{k}", str(v))]
     commands = {

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import multiad_command
 import torch
 
 from monai_multiad.data.synthetic_images import write_mvtec_dataset
@@ -27,13 +28,8 @@ TINY = ["--image-size", "64", "--batch-size", "8", "--backbone", "resnet18", "--
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _multiad() -> list[str]:
-    script = Path(sys.executable).parent / "multiad"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "monai_multiad.cli"]
-
-
 def run(cwd: Path, *args: str, code: int | None = 0, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*_multiad(), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV, **kw)
+    proc = subprocess.run([*multiad_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV, **kw)
     if code is not None and proc.returncode != code:
         raise AssertionError(f"multiad {' '.join(args)} exited {proc.returncode}, expected {code}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -41,7 +37,7 @@ def run(cwd: Path, *args: str, code: int | None = 0, **kw) -> subprocess.Complet
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([*_multiad(), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([*multiad_command(), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)
 
 

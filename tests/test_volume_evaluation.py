@@ -10,11 +10,11 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import multiad_command
 from sklearn.metrics import roc_auc_score
 
 TINY = ["--image-size", "48", "--batch-size", "8", "--backbone", "resnet18", "--pretrained", "none",
@@ -24,9 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
 
 def multiad(cwd: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).parent / "multiad"
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "monai_multiad.cli"]
-    proc = subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
+    proc = subprocess.run([*multiad_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == code, f"multiad {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     return proc
 
