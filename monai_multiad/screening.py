@@ -105,7 +105,7 @@ def screen_volume(model: Any, volume: Any, *, modality: str | None = None, windo
     settings = run.settings(modality=modality, window=window, slice_axis=axis, image_size=image_size, top_k=top_k)
     scan_threshold, slice_threshold = run.volume_thresholds(settings, threshold)
     inferer = VolumeSliceInferer(settings.slice_axis, settings.image_size, batch_size, settings.top_k,
-                                 amp=run.amp, progress=progress)
+                                 amp=run.amp, progress=progress, slice_context=settings.slice_context)
     vol = _as_volume(volume, series_uid)
     scaled = scale_intensity(vol, **intensity_kwargs(settings.modality, settings.window))
     if isinstance(volume, (str, Path)):

@@ -33,7 +33,8 @@ along ``cfg.slice_axis`` into canonical RAS slices resized to ``cfg.image_size``
 is kept when at least 1 % of its voxels exceed 5 % of the normalised volume's range.
 Train/validation slices are the kept slices whose label slice is empty; test slices are the kept
 slices plus every slice with label voxels (an anomaly is never dropped). Slices are held in
-memory as uint8 (one channel; repeated to ``in_channels`` when read), masks only where non-empty.
+memory as uint8 (one channel, repeated to ``in_channels`` when read; or, with ``cfg.slice_context`` 1, the
+slice between its two neighbours as three channels), masks only where non-empty.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def volume_datalist(cases: Sequence[VolumeCase]) -> list[dict]:
 
 
 def volume_preprocessing(modality: str = "mri", ct_window=None, slice_axis: str = "axial", image_size: int = 256,
-                         labelled: str = "drop") -> Compose:
+                         labelled: str = "drop", slice_context: int = 0) -> Compose:
     """One case's preprocessing as MONAI dictionary transforms, what the brain bundle's ``train.json`` shows as
     ``preprocessing``: load the image and its label (:class:`~monai_multiad.transforms.LoadVolumed`),
     scale the image by modality (:class:`~monai_multiad.transforms.ScaleIntensityByModalityd`), and cut
@@ -241,19 +242,22 @@ def volume_preprocessing(modality: str = "mri", ct_window=None, slice_axis: str 
     (:class:`~monai_multiad.transforms.VolumeToSlicesd`, whose array form screening cuts a scan with),
     leaving out (``labelled="drop"``: training and validation) or adding (``"add"``: testing) the
     slices with label voxels. A datalist entry (:func:`volume_datalist`) becomes a list of slice dicts.
+    ``slice_context``: neighbouring slices on each side stacked as the image's channels (1: 2.5D input,
+    slices ``k - 1, k, k + 1``); the label keeps its one slice.
     """
     return Compose([  # log_stats=False: a bad file is one error line, not data statistics in the log
         LoadVolumed(["image", "mask"], allow_missing_keys=True),
         ScaleIntensityByModalityd("image", mode=modality, window=ct_window),
         VolumeToSlicesd(["image", "mask"], axis=slice_axis, spatial_size=(image_size, image_size),
-                        mode=("bilinear", "nearest"), label_key="mask", labelled=labelled, allow_missing_keys=True),
+                        mode=("bilinear", "nearest"), label_key="mask", labelled=labelled, context=slice_context,
+                        allow_missing_keys=True),
     ], log_stats=False)
 
 
 @dataclass
 class _CaseSlices:
     name: str
-    images: torch.Tensor  # (N, 1, S, S) uint8
+    images: torch.Tensor  # (N, 1, S, S) uint8, or (N, 3, S, S) with the neighbouring slices (2.5D)
     indices: list[int]  # canonical slice indices
     labels: torch.Tensor  # (N,) bool
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (1, S, S) uint8, non-empty only
@@ -273,8 +277,8 @@ def _case_slices(entry: dict, transform) -> _CaseSlices:
     if not slices:
         return _CaseSlices(name, torch.zeros((0, 1, 0, 0), dtype=torch.uint8), [], torch.zeros(0, dtype=torch.bool))
     images = torch.stack([torch.as_tensor(s["image"]) for s in slices])
-    if images.shape[1] != 1:
-        raise input_error(entry["image"], f"{images.shape[1]} channels; expected a single-channel volume")
+    if images.shape[1] not in (1, 3):  # one slice, or a slice between its two neighbours (2.5D)
+        raise input_error(entry["image"], f"{images.shape[1]} channels per slice; expected a single-channel volume")
     images = images.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
     labels = torch.tensor([bool(s.get("label", 0)) for s in slices], dtype=torch.bool)
     masks = {j: (torch.as_tensor(s["mask"]) > 0).to(torch.uint8) for j, s in enumerate(slices) if labels[j]}
@@ -321,8 +325,8 @@ class VolumeSliceDataset(Dataset):
         i, j = self.items[index]
         c = self._cases[i]
         image = c.images[j].float().div_(255.0)
-        if self.in_channels == 3:
-            image = image.expand(3, -1, -1).contiguous()
+        if image.shape[0] != self.in_channels:  # one slice repeated to the network's channels
+            image = image.expand(self.in_channels, -1, -1).contiguous()
         mask = c.masks[j].float() if j in c.masks else torch.zeros((1, *image.shape[-2:]), dtype=torch.float32)
         label = int(c.labels[j])
         path = f"{c.name}#{c.indices[j]}"
@@ -349,7 +353,8 @@ def volume_slice_datasets(cfg, split: str = "train", preprocessing=None):
     def prep(labelled: str):
         if preprocessing is not None:
             return preprocessing
-        return volume_preprocessing(cfg.modality, cfg.ct_window, cfg.slice_axis, cfg.image_size, labelled)
+        return volume_preprocessing(cfg.modality, cfg.ct_window, cfg.slice_axis, cfg.image_size, labelled,
+                                    cfg.slice_context)
 
     if split == "train":
         if not splits["valid"]:

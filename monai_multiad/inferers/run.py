@@ -38,6 +38,7 @@ class LoadedRun:
     config: RunConfig | None = None  #: the run's configuration (None for a bare network)
     fusion: dict = field(default_factory=dict)  #: the fusion statistics model.pt holds
     source: Path | None = None  #: the run folder or model.pt it was loaded from
+    slice_context: int = 0  #: neighbouring slices on each side the network sees as channels (2.5D: 1)
 
     @classmethod
     def from_parts(cls, network: nn.Module | None, cfg: RunConfig, fusion: dict, device: torch.device,
@@ -49,7 +50,7 @@ class LoadedRun:
                    None if thr is None else float(thr), bool(cfg.amp) and device.type == "cuda",
                    float(fusion.get("threshold_quantile", cfg.threshold_quantile)),
                    load_calibration(source) if source is not None else None, cfg, dict(fusion),
-                   None if source is None else Path(source))
+                   None if source is None else Path(source), int(cfg.slice_context))
 
     def settings(self, **given: Any) -> ScreeningSettings:
         """:meth:`ScreeningSettings.for_run` of this run: ``given`` (modality, window, slice_axis,

@@ -37,6 +37,8 @@ class ScreeningSettings:
         slice_axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
         image_size: the slice side the network sees.
         top_k: scan score = mean of the ``top_k`` highest slice scores.
+        slice_context: neighbouring slices on each side the network sees as channels (2.5D: 1); the
+            run's own, never changed, as it is part of what the network was trained on.
     """
 
     modality: str = "mri"
@@ -44,6 +46,7 @@ class ScreeningSettings:
     slice_axis: str = "axial"
     image_size: int = 256
     top_k: int = DEFAULT_TOP_K
+    slice_context: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality", str(self.modality).lower())
@@ -62,7 +65,8 @@ class ScreeningSettings:
         made = ((run.calibration or {}).get("settings") or {}) if isinstance(run.calibration, dict) else {}
         return cls(modality=modality or run.modality, window=_window(window) or run.window,
                    slice_axis=slice_axis or run.axis, image_size=int(image_size or run.image_size),
-                   top_k=int(top_k if top_k is not None else made.get("top_k", DEFAULT_TOP_K)))
+                   top_k=int(top_k if top_k is not None else made.get("top_k", DEFAULT_TOP_K)),
+                   slice_context=int(getattr(run, "slice_context", 0)))
 
     def calibration_key(self) -> dict:
         """The settings as a calibration record stores them (JSON: a window tuple becomes a list): a

@@ -101,20 +101,23 @@ class VolumeSliceInferer(Inferer):
     the volume before the output volume is allocated.
 
     The network takes ``x (B, C, S, S)`` in [0, 1] and returns ``(maps (B, 1, S, S), scores (B,))``; a
-    one-channel slice is repeated to its ``in_channels``.
+    one-channel slice is repeated to its ``in_channels``; with ``slice_context`` 1 it sees each slice between its
+    two neighbours as three channels (2.5D input: a network trained so).
     """
 
     def __init__(self, slice_axis: str = "axial", image_size: int = 256, batch_size: int = 32,
-                 top_k: int = DEFAULT_TOP_K, amp: bool = False, progress: bool = False) -> None:
+                 top_k: int = DEFAULT_TOP_K, amp: bool = False, progress: bool = False, slice_context: int = 0) -> None:
         super().__init__()
         if int(batch_size) < 1 or int(top_k) < 1:
             raise ValueError(f"batch_size and top_k must be at least 1, got {batch_size} and {top_k}")
         self.slice_axis, self.image_size, self.batch_size = slice_axis, int(image_size), int(batch_size)
         self.top_k, self.amp, self.progress = int(top_k), bool(amp), bool(progress)
+        self.slice_context = int(slice_context)
 
     def _slicer(self) -> VolumeToSlices:
         size = self.image_size
-        return VolumeToSlices(self.slice_axis, spatial_size=(size, size), chunk_size=self.batch_size)
+        return VolumeToSlices(self.slice_axis, spatial_size=(size, size), chunk_size=self.batch_size,
+                              context=self.slice_context)
 
     @torch.no_grad()
     def slice_maps(self, volume: MetaTensor, network: Any, device: Any = None) -> SliceMaps:
@@ -141,14 +144,14 @@ class VolumeSliceInferer(Inferer):
         for start in chunks:
             ks = kept[start:start + self.batch_size]
             x, _, _ = slicer.slices(volume, ks)
-            x = x.expand(-1, in_channels, -1, -1) if in_channels != 1 else x
+            x = x.expand(-1, in_channels, -1, -1) if x.shape[1] != in_channels else x
             with torch.autocast(device.type, enabled=self.amp):
                 amap, score = network(x.to(device))
             maps[start:start + len(ks)] = amap.float().cpu()
             scores[start:start + len(ks)] = score.double().cpu()
         ranked = scan_score(scores.tolist(), kept, self.top_k)
         shown = ranked.order[:max(self.top_k, MONTAGE_SLICES)]
-        images, _, _ = slicer.slices(volume, [kept[i] for i in shown])
+        images, _, _ = slicer.slices(volume, [kept[i] for i in shown], context=0)  # the montage shows the slice
         return SliceMaps(geometry, kept, maps, scores, ranked, [kept[i] for i in shown], images, maps[shown],
                          slicer.foreground_rule)
 

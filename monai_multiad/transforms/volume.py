@@ -28,7 +28,7 @@ from monai_multiad.transforms.loading import LoadVolume, load_volume
 __all__ = [
     "CT_WINDOWS", "LoadVolume", "ScaleIntensityByModality", "VolumeToSlices", "SlicesToVolume", "SliceGeometry",
     "load_volume", "scale_intensity", "volume_to_slices", "slices_to_volume", "slice_geometry", "slice_affine",
-    "slice_foreground", "foreground_slices", "labelled_slices", "MIN_FOREGROUND", "FG_THRESHOLD",
+    "slice_foreground", "foreground_slices", "labelled_slices", "neighbour_indices", "MIN_FOREGROUND", "FG_THRESHOLD",
 ]
 
 #: The foreground rule, written here only: a voxel is foreground when it exceeds
@@ -137,11 +137,17 @@ def labelled_slices(label: Any, geometry: SliceGeometry, chunk_size: int = 32) -
     return [k for k in range(geometry.num_slices) if int(counts[k]) > 0]
 
 
+def neighbour_indices(indices: Sequence[int], num_slices: int, context: int) -> list[int]:
+    """Each of ``indices`` with its ``context`` neighbours on each side, in order (``k - context .. k +
+    context`` for each ``k``), clamped to ``[0, num_slices)``: the slices a 2.5D input stacks."""
+    return [min(max(k + d, 0), num_slices - 1) for k in indices for d in range(-context, context + 1)]
+
+
 def volume_to_slices(volume: Any, axis: str = "axial", *, orientation: str = "RAS",
                      spatial_size: Sequence[int] | None = None, mode: str = "bilinear",
                      min_foreground: float = MIN_FOREGROUND, fg_threshold: float = FG_THRESHOLD,
                      keep_all: bool = False, indices: Sequence[int] | None = None,
-                     chunk_size: int = 32) -> tuple[torch.Tensor, list[int], SliceGeometry]:
+                     chunk_size: int = 32, context: int = 0) -> tuple[torch.Tensor, list[int], SliceGeometry]:
     """Cut a volume into canonical 2D slices (see :func:`slice_geometry` for where they lie).
 
     The slices kept are those of the foreground rule (:func:`foreground_slices`), every slice with
@@ -158,9 +164,12 @@ def volume_to_slices(volume: Any, axis: str = "axial", *, orientation: str = "RA
         keep_all: keep every slice.
         indices: take exactly these canonical slice indices (e.g. a label's, from its image).
         chunk_size: slices processed at a time.
+        context: slices taken on each side of each kept slice, stacked as channels (2.5D input): with
+            ``context=1`` a one-channel volume gives ``(N, 3, H, W)``, slices ``k - 1, k, k + 1`` in that
+            order; at the ends of the volume the edge slice stands in for the missing neighbour.
 
     Returns:
-        ``(slices (N, C, H, W), indices (N canonical slice indices), geometry)``.
+        ``(slices (N, C (2 context + 1), H, W), indices (N canonical slice indices), geometry)``.
     """
     vol = as_meta(volume)
     geometry = slice_geometry(vol, axis, orientation, spatial_size)
@@ -173,6 +182,12 @@ def volume_to_slices(volume: Any, axis: str = "axial", *, orientation: str = "RA
         kept = list(range(n))
     else:
         kept = foreground_slices(x, geometry, min_foreground, fg_threshold, chunk_size)
+    if int(context) < 0:
+        raise input_error(None, f"context must be 0 or more slices, got {context}")
+    if context:
+        out, _, _ = volume_to_slices(vol, axis, orientation=orientation, spatial_size=spatial_size, mode=mode,
+                                     indices=neighbour_indices(kept, n, int(context)), chunk_size=chunk_size)
+        return out.reshape(len(kept), -1, *out.shape[-2:]), kept, geometry
     size = geometry.output_shape
     out = torch.empty((len(kept), x.shape[0], *size), device=x.device,
                       dtype=x.dtype if mode == "nearest" else torch.float32)
@@ -265,16 +280,16 @@ class VolumeToSlices(InvertibleTransform):
     they keep the slices' ``applied_operations``).
 
     Args:
-        axis, orientation, spatial_size, mode, min_foreground, fg_threshold, keep_all, chunk_size:
-            as in :func:`volume_to_slices`.
+        axis, orientation, spatial_size, mode, min_foreground, fg_threshold, keep_all, chunk_size, context:
+            as in :func:`volume_to_slices` (``context``: the neighbours each slice brings as channels).
     """
 
     def __init__(self, axis: str = "axial", orientation: str = "RAS", spatial_size: Sequence[int] | None = None,
                  mode: str = "bilinear", min_foreground: float = MIN_FOREGROUND, fg_threshold: float = FG_THRESHOLD,
-                 keep_all: bool = False, chunk_size: int = 32) -> None:
+                 keep_all: bool = False, chunk_size: int = 32, context: int = 0) -> None:
         self.axis, self.orientation, self.spatial_size, self.mode = axis, orientation, spatial_size, mode
         self.min_foreground, self.fg_threshold = min_foreground, fg_threshold
-        self.keep_all, self.chunk_size = keep_all, chunk_size
+        self.keep_all, self.chunk_size, self.context = keep_all, chunk_size, int(context)
 
     @property
     def foreground_rule(self) -> str:
@@ -293,17 +308,21 @@ class VolumeToSlices(InvertibleTransform):
         return geometry, foreground_slices(vol.as_tensor(), geometry, self.min_foreground, self.fg_threshold,
                                            self.chunk_size)
 
-    def slices(self, img: Any, indices: Sequence[int] | None = None, mode: str | None = None):
-        """The function form: ``(slices (N, C, H, W), indices, geometry)``."""
+    def slices(self, img: Any, indices: Sequence[int] | None = None, mode: str | None = None,
+               context: int | None = None):
+        """The function form: ``(slices (N, C, H, W), indices, geometry)`` (``context``: default the constructor's)."""
         return volume_to_slices(img, self.axis, orientation=self.orientation, spatial_size=self.spatial_size,
                                 mode=mode or self.mode, min_foreground=self.min_foreground, fg_threshold=self.fg_threshold,
-                                keep_all=self.keep_all, indices=indices, chunk_size=self.chunk_size)
+                                keep_all=self.keep_all, indices=indices, chunk_size=self.chunk_size,
+                                context=self.context if context is None else context)
 
-    def __call__(self, img: Any, indices: Sequence[int] | None = None, mode: str | None = None) -> list[MetaTensor]:
-        """Args: img: ``(C, X, Y, Z)``. indices: take these slices instead of the foreground rule.
-        Returns: list of ``MetaTensor`` ``(C, H, W)``."""
+    def __call__(self, img: Any, indices: Sequence[int] | None = None, mode: str | None = None,
+                 context: int | None = None) -> list[MetaTensor]:
+        """Args: img: ``(C, X, Y, Z)``. indices: take these slices instead of the foreground rule. context:
+        neighbours as channels (default the constructor's).
+        Returns: list of ``MetaTensor`` ``(C (2 context + 1), H, W)``."""
         img = as_meta(img)
-        stack, kept, geometry = self.slices(img, indices, mode)
+        stack, kept, geometry = self.slices(img, indices, mode, context)
         base = {k: v for k, v in geometry.meta.items() if v is not None}
         out = []
         for j, k in enumerate(kept):

@@ -112,6 +112,8 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
         label_key: key of the label volume (may also be in ``keys``, to get its slices), or ``None``.
         labelled: "drop" or "add" (above).
         flag_key: output key of the per-slice label flag.
+        context: neighbouring slices on each side stacked as channels (2.5D input), for the keys resized
+            "bilinear" (images); labels ("nearest") keep their one slice.
         allow_missing_keys: do not fail on absent keys.
     """
 
@@ -120,7 +122,7 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
                  min_foreground: float = MIN_FOREGROUND, fg_threshold: float = FG_THRESHOLD, keep_all: bool = False,
                  fg_key: Hashable | None = None, index_key: Hashable = "slice_index", chunk_size: int = 32,
                  label_key: Hashable | None = None, labelled: str = "drop", flag_key: Hashable = "label",
-                 allow_missing_keys: bool = False) -> None:
+                 context: int = 0, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if labelled not in ("drop", "add"):
             raise input_error(None, f"labelled must be 'drop' or 'add', got {labelled!r}")
@@ -130,6 +132,7 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
         self.slicer = VolumeToSlices(axis=axis, orientation=orientation, spatial_size=spatial_size,
                                      min_foreground=min_foreground, fg_threshold=fg_threshold,
                                      keep_all=keep_all, chunk_size=chunk_size)
+        self.context = int(context)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
         d = dict(data)
@@ -145,7 +148,8 @@ class VolumeToSlicesd(MapTransform, InvertibleTransform):
             d[self.label_key] = _on_grid_of(d[self.label_key], d[fg_key])
             anomalous = set(labelled_slices(d[self.label_key].as_tensor(), geometry, self.slicer.chunk_size))
             kept = sorted(set(kept) - anomalous) if self.labelled == "drop" else sorted(set(kept) | anomalous)
-        per_key = {key: self.slicer(d[key], indices=kept, mode=mode) for key, mode in keys}
+        per_key = {key: self.slicer(d[key], indices=kept, mode=mode, context=0 if mode == "nearest" else self.context)
+                   for key, mode in keys}
         names = set(per_key)
         out = []
         for j, k in enumerate(kept):
