@@ -144,16 +144,22 @@ def build_model(backbone: str, device: torch.device, fold: bool = False):
 
 
 def trainer_step_times(model, x, opt, d_opt, adversarial_weight: float, device: torch.device, amp: bool,
-                       warmup: int, repeats: int, memory: PeakMemory | None = None) -> list[float]:
+                       warmup: int, repeats: int, memory: PeakMemory | None = None,
+                       teacher_cache: bool = False) -> list[float]:
     """Seconds of ``repeats`` ``MultiADTrainer`` iterations on the batch ``x`` after a first (memory) step and
-    ``warmup`` untimed ones. ``d_opt=None`` or weight 0: the default training, without discriminator."""
+    ``warmup`` untimed ones. ``d_opt=None`` or weight 0: the default training, without discriminator.
+    ``teacher_cache``: the teacher's features are cached in the first step and reused in the timed ones (a
+    training epoch after the first)."""
     from ignite.engine import Events
 
+    from monai_multiad.engines.teacher_cache import TeacherFeatureCache
     from monai_multiad.engines.trainer import MultiADTrainer
 
     steps = warmup + max(repeats, 1) + 1
-    trainer = MultiADTrainer(device, 1, [{"image": x}] * steps, model, opt, d_opt,
-                             adversarial_weight=adversarial_weight, epoch_length=steps, amp=amp)
+    batch = {"image": x, "path": [f"image{i}" for i in range(x.shape[0])]}
+    trainer = MultiADTrainer(device, 1, [batch] * steps, model, opt, d_opt,
+                             adversarial_weight=adversarial_weight, epoch_length=steps, amp=amp,
+                             teacher_cache=TeacherFeatureCache(1 << 34) if teacher_cache else None)
     times: list[float] = []
 
     @trainer.on(Events.ITERATION_STARTED)
@@ -325,7 +331,9 @@ def bench_train_cost(job: dict) -> dict:
     * ``discriminator_ms``: what the discriminator adds when on: the adversarial term's forward and backward
       (into the student's stage-4 features) and the discriminator's own loss, backward and Adam step;
     * ``step_ms`` / ``step_with_discriminator_ms``: whole ``MultiADTrainer`` iterations, discriminator off (the
-      default) and on (the paper's), so the parts can be checked against the whole.
+      default) and on (the paper's), so the parts can be checked against the whole;
+    * ``step_cached_ms``: a whole iteration (discriminator off) whose teacher features come from the training's
+      feature cache, as in every epoch after the first (``teacher_cache_mb``).
 
     ``variant``: ``eager``; ``channels_last`` (model and batch in channels-last memory format);
     ``compile`` (teacher and student through ``torch.compile``; the discriminator stays eager, as its
@@ -403,8 +411,11 @@ def bench_train_cost(job: dict) -> dict:
              zip(COST_PARTS, (teacher_forward, student_forward, student_step, discriminator))}
     off = statistics.median(trainer_step_times(model, x, opt, None, 0.0, device, amp, warmup, repeats))
     on = statistics.median(trainer_step_times(model, x, opt, d_opt, 0.1, device, amp, warmup, repeats))
+    cached = statistics.median(trainer_step_times(model, x, opt, None, 0.0, device, amp, warmup, repeats,
+                                                  teacher_cache=True))
     return {**row, "status": "ok", "amp": amp, **parts,
-            "step_ms": 1000 * off, "step_with_discriminator_ms": 1000 * on,
+            "step_ms": 1000 * off, "step_with_discriminator_ms": 1000 * on, "step_cached_ms": 1000 * cached,
+            "cached_speedup": off / cached,
             "discriminator_share_of_step": (on - off) / on,
             "parts_sum_ms": parts["teacher_forward_ms"] + parts["student_step_ms"],
             "parts_sum_with_discriminator_ms": (parts["teacher_forward_ms"] + parts["student_step_ms"]
@@ -563,16 +574,18 @@ def markdown(report: dict) -> str:
         lines += ["Training cost per step (ms; teacher features given to the student step; discriminator = adversarial "
                   "term + its own loss, backward and step; steps are whole MultiADTrainer iterations):", "",
                   "| backbone | device | px | batch | variant | teacher fwd | student fwd | student fwd+bwd+step "
-                  "| discriminator | step (D off) | step (D on) | D share of step | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| discriminator | step (D off) | step (D on) | D share of step | step, teacher cached | speed-up "
+                  "| status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["train_cost"]:
             px, b = r.get("cost_size", r.get("image_size")), r.get("cost_batch_size", r.get("batch_size"))
             head = f"| {r['backbone']} | {r['device']} | {px} | {b} | {r['variant']} |"
             if r.get("status") != "ok":
-                lines.append(head + " |" * 7 + f" {r.get('status')} |")
+                lines.append(head + " |" * 9 + f" {r.get('status')} |")
                 continue
             cells = " | ".join(f"{r[k]:.1f}" for k in (*COST_PARTS, "step_ms", "step_with_discriminator_ms"))
-            lines.append(f"{head} {cells} | {100 * r['discriminator_share_of_step']:.0f} % | ok |")
+            lines.append(f"{head} {cells} | {100 * r['discriminator_share_of_step']:.0f} % | "
+                         f"{r['step_cached_ms']:.1f} | {r['cached_speedup']:.2f}x | ok |")
         lines.append("")
     if report.get("peer"):
         lines += ["| peer: anomalib STFPM vs Multi-AD (Lite0, eval forward) | device | batch | px | Multi-AD ms "

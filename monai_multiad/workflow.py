@@ -44,6 +44,7 @@ from monai_multiad.engines.evaluator import (
     fit_fusion,
     fit_memory_bank,
 )
+from monai_multiad.engines.teacher_cache import TeacherFeatureCache
 from monai_multiad.engines.trainer import MultiADTrainer
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.outputs import write_json
@@ -193,6 +194,7 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         denoise_fraction=cfg.denoise_fraction,
         anomaly=build_anomaly(cfg),
         anomaly_foreground=FG_THRESHOLD if cfg.foreground == "on" else None,
+        teacher_cache=TeacherFeatureCache(cfg.teacher_cache_mb << 20) if cfg.teacher_cache_mb > 0 else None,
         train_handlers=handlers,
     )
 
@@ -374,6 +376,7 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
         "memory_bank": bank,
         "segmentation_head_loss": head_loss,
         "segmentation_head_iterations": head_steps,
+        "teacher_cache": _cache_summary(trainer.teacher_cache),
     }
     if idist.get_rank() == 0:
         run_dir = Path(run_dir)
@@ -418,6 +421,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
     resume_or_start(resume, last, best, log, cfg)
     run_training(trainer)
     return finish_run(cfg, trainer, val_loader, run_dir, best, log, recalibration, len(train_ds))
+
+
+def _cache_summary(cache: TeacherFeatureCache | None) -> dict | None:
+    """What the teacher's feature cache did in the run (``metrics.json``): images held, hits, misses, MiB."""
+    if cache is None:
+        return None
+    return {"images": len(cache), "hits": cache.hits, "misses": cache.misses, "mib": round(cache.nbytes / 2**20, 1)}
 
 
 def _device_name(device: torch.device) -> str:

@@ -78,8 +78,9 @@ def test_speed_training_cost_table(tmp_path):
     assert report["results"] == [] and report["volume"] == [] and report["meta"]["modes"] == ["train-cost"]
     eager, *others = report["train_cost"]
     assert (eager["variant"], eager["status"], eager["image_size"], eager["batch_size"]) == ("eager", "ok", 64, 2)
-    for key in (*speed.COST_PARTS, "step_ms", "step_with_discriminator_ms"):
+    for key in (*speed.COST_PARTS, "step_ms", "step_with_discriminator_ms", "step_cached_ms"):
         assert eager[key] > 0, key
+    assert eager["cached_speedup"] == pytest.approx(eager["step_ms"] / eager["step_cached_ms"])
     assert 0 < eager["discriminator_share_of_step"] < 1
     assert eager["student_step_ms"] > eager["student_forward_ms"]
     assert [r["variant"] for r in others] == ["channels_last", "compile"]

@@ -13,6 +13,7 @@ from ignite.engine import Events
 from monai.engines import Trainer
 
 from monai_multiad.losses import AdversarialLoss, DiscriminatorLoss, DistillationLoss
+from monai_multiad.engines.teacher_cache import TeacherFeatureCache
 from monai_multiad.networks import MultiAD
 from monai_multiad.transforms.anomaly import SyntheticAnomaly, corrupt_batch
 
@@ -74,6 +75,9 @@ class MultiADTrainer(Trainer):
             learn to imitate anomalies. 0 = off.
         anomaly: the :class:`~monai_multiad.transforms.anomaly.SyntheticAnomaly` that corrupts them.
         anomaly_foreground: keep the anomalies where the image is brighter than this (scans); ``None`` = anywhere.
+        teacher_cache: a :class:`~monai_multiad.engines.teacher_cache.TeacherFeatureCache` that keeps the
+            teacher's features of each training image (named by the batch's ``"path"``) for the later epochs;
+            not used with ``augment_flips`` (the teacher's input changes) or for batches without ``"path"``.
         other arguments: as ``monai.engines.Trainer``.
 
     The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
@@ -108,6 +112,7 @@ class MultiADTrainer(Trainer):
         denoise_fraction: float = 0.0,
         anomaly: SyntheticAnomaly | None = None,
         anomaly_foreground: float | None = None,
+        teacher_cache: TeacherFeatureCache | None = None,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -138,6 +143,7 @@ class MultiADTrainer(Trainer):
         self.anomaly = anomaly if anomaly is not None else SyntheticAnomaly(seed=seed if seed is not None else 0)
         self.anomaly_seed = int(seed if seed is not None else 0)
         self.anomaly_foreground = anomaly_foreground
+        self.teacher_cache = None if self.augment_flips else teacher_cache
         distributed = idist.get_world_size() > 1
         self.student = idist.auto_model(network.student, sync_bn=False) if distributed else network.student
         self.discriminator = network.discriminator
@@ -187,8 +193,11 @@ class MultiADTrainer(Trainer):
             # corrupts the same images in the same way as an uninterrupted one
             engine.anomaly.generator.manual_seed(engine.anomaly_seed * 1_000_003 + engine.state.iteration)
             corrupted, _ = corrupt_batch(images, engine.anomaly, engine.denoise_fraction, engine.anomaly_foreground)
+        keys = batchdata.get("path") if isinstance(batchdata, dict) and engine.teacher_cache is not None else None
         with engine._autocast():
-            teacher, student = net.features(images, student=engine.student, student_input=corrupted)
+            teacher = None if keys is None else engine.teacher_cache.features(keys, images, net.teacher_features)
+            teacher, student = net.features(images, student=engine.student, student_input=corrupted,
+                                            teacher_features=teacher)
             distill = engine.distillation_loss(teacher, student)
             adversarial = torch.zeros((), device=images.device)
             if engine.use_discriminator:

@@ -177,23 +177,30 @@ class MultiAD(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return (x - self.mean) / self.std
 
+    @torch.no_grad()
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen teacher's stage features of a [0, 1] batch (standardised when ``feature_norm``),
+        without gradient: what :meth:`features` compares the student with."""
+        t = self.teacher(self.normalize(x))
+        if self.feature_norm:
+            t = [(f - getattr(self, f"feature_mean{k}")) / getattr(self, f"feature_std{k}") for k, f in enumerate(t)]
+        return t
+
     def features(
-        self, x: torch.Tensor, student: nn.Module | None = None, student_input: torch.Tensor | None = None
+        self, x: torch.Tensor, student: nn.Module | None = None, student_input: torch.Tensor | None = None,
+        teacher_features: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher (no gradient) and student stage features of a [0, 1] batch.
 
         ``student`` runs in place of ``self.student`` when given: a wrapper of it such as
         ``DistributedDataParallel``, which the multi-GPU trainer passes. ``student_input`` is what the
         student sees instead of ``x`` (a corrupted copy: the denoising student's training).
+        ``teacher_features`` are :meth:`teacher_features` of ``x`` computed before (a training cache's).
         """
         if self.check_inputs:
             self.validate_input(x)
-        x = self.normalize(x)
-        x_student = x if student_input is None else self.normalize(student_input)
-        with torch.no_grad():
-            t = self.teacher(x)
-            if self.feature_norm:
-                t = [(f - getattr(self, f"feature_mean{k}")) / getattr(self, f"feature_std{k}") for k, f in enumerate(t)]
+        t = self.teacher_features(x) if teacher_features is None else teacher_features
+        x_student = self.normalize(x if student_input is None else student_input)
         return t, (self.student if student is None else student)(x_student)
 
     @torch.no_grad()
