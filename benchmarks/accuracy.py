@@ -95,6 +95,14 @@ STUDY: dict[str, dict] = {
     "def": {"train": {}},
     "def_lite1": {"train": {"backbone": "efficientnet_lite1"}},
     "def_lite2": {"train": {"backbone": "efficientnet_lite2"}},
+    # volumes: the slice repeated to three channels against 2.5D input (the slice between its neighbours)
+    "def_repeat3": {"train": {"in_channels": 3}},
+    "def_2p5d": {"train": {"in_channels": 3, "slice_context": 1}},
+    # the paper's fusion switch on the defaults, and each added map alone (refits of def): the
+    # student's last stage alone (the paper's "fusion off"), the memory bank's map alone, the head's alone
+    "def+no_fusion": {"from": "def", "refit": {"fusion": False, "memory_bank": 0, "segmentation_head_steps": 0}},
+    "def+bank_only": {"from": "def", "refit": {"fusion": False, "segmentation_head_steps": 0}},
+    "def+head_only": {"from": "def", "refit": {"fusion": False, "memory_bank": 0}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
@@ -199,7 +207,6 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     normal validation images, write a new run folder, evaluate once."""
     import dataclasses
 
-    import torch
     from torch.utils.data import DataLoader
 
     from monai_multiad import inference, workflow
@@ -216,14 +223,18 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     device = workflow.resolve_device(args.device)
     refit = workflow.MultiAD(**{**cfg.model_kwargs(), "pretrained": False})
     # the fusion is refitted below (a memory bank adds a map to it); a new bank is filled below
-    state = {k: v for k, v in network.state_dict().items() if not k.startswith("fusion.")}
+    # (and a refit without a bank or head drops the trained one's)
+    dropped = ("fusion.", "memory_bank.") + (() if refit.segmentation_head is not None else ("segmentation_head.",))
+    state = {k: v for k, v in network.state_dict().items() if not k.startswith(dropped)}
     missing, unexpected = refit.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("fusion.", "memory_bank.", "segmentation_head.")) for k in missing):
         raise SystemExit(f"study variant {config}: refit cannot change the networks ({unexpected or missing})")
     refit.to(device)
     train_ds, val_ds = datasets.build_datasets(cfg, "train")
     t_bank = time.perf_counter()
-    head_loss = workflow.train_segmentation_head(cfg, refit, train_ds, device)
+    # a head the trained run already has is kept as it was trained
+    head_loss = None if network.segmentation_head is not None else \
+        workflow.train_segmentation_head(cfg, refit, train_ds, device)
     head_seconds = time.perf_counter() - t_bank
     t_bank = time.perf_counter()
     bank = fit_memory_bank(refit, datasets.fixed_normals_loader(train_ds, cfg), device, seed=cfg.seed)
@@ -255,7 +266,6 @@ def raw_intensity_row(args, name: str, folder: Path) -> dict:
     """The bar any FLAIR map must clear: each pixel scored by its own normalised intensity,
     Gaussian-smoothed (sigma 4 px at 256 px, scaled to the image size), image score = mean of the
     top 1 % pixels; same test slices, masks and metrics as the models."""
-    import torch
     from torch.utils.data import DataLoader
 
     from monai_multiad import inference
