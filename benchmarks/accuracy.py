@@ -103,6 +103,8 @@ STUDY: dict[str, dict] = {
     "def+no_fusion": {"from": "def", "refit": {"fusion": False, "memory_bank": 0, "segmentation_head_steps": 0}},
     "def+bank_only": {"from": "def", "refit": {"fusion": False, "segmentation_head_steps": 0}},
     "def+head_only": {"from": "def", "refit": {"fusion": False, "memory_bank": 0}},
+    # the fused maps weighted equally (the defaults before the synthetic weighting), on the same trained model
+    "def+equal_weights": {"from": "def", "refit": {"fusion_weights": "equal"}},
     # inference-side levers on one trained model (no retraining)
     "nd+fg": {"from": "bn_fix_no_d", "refit": {"foreground": "auto"}},
     "nd+stages234": {"from": "bn_fix_no_d", "refit": {"foreground": "auto", "stages": [2, 3, 4]}},
@@ -247,7 +249,7 @@ def refit_one(args, name: str, config: str, spec: dict, rows: list[dict]) -> dic
     print(f"[accuracy] {config} / {name}: refit of {spec['from']} with {spec['refit']}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     stats = fit_fusion(refit, DataLoader(val_ds, batch_size=cfg.batch_size), device, cfg.threshold_quantile,
-                       normalization=cfg.map_normalization)
+                       normalization=cfg.map_normalization, **workflow.fusion_weighting(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_dict())
     workflow.save_model(run_dir / "model.pt", refit, cfg, stats)

@@ -76,6 +76,9 @@ class RunConfig:
     map_normalization: str = _opt("zscore", "per-stage map unit fitted on normals: 'mean' (M / mean), 'zscore' "
                                   "((M - mean) / std) or 'quantile' ((M - q0.9) / (q0.995 - q0.9), as EfficientAD)",
                                   choices=("mean", "zscore", "quantile"))
+    fusion_weights: str = _opt("synthetic", "weights of the fused maps: equal, or synthetic (each map by how well "
+                               "its maximum tells held-out normals with a synthetic anomaly from the same images "
+                               "clean; the segmentation head keeps an equal share)", choices=("equal", "synthetic"))
     score_topk: float = _opt(0.0, "image score: mean of the top fraction of map pixels (0 = the map's maximum)")
     feature_norm: bool = _opt(False, "standardise teacher features per channel with normal-image statistics")
     memory_bank: int = _opt(4096, "entries of a memory bank of normal teacher features (a coreset, PatchCore's k-NN "

@@ -314,6 +314,13 @@ def build_anomaly(cfg: RunConfig) -> SyntheticAnomaly:
     return SyntheticAnomaly([m for m in cfg.synthetic_anomalies if m != "auto"] or ["texture"], seed=cfg.seed)
 
 
+def fusion_weighting(cfg: RunConfig) -> dict:
+    """:func:`fit_fusion`'s weighting arguments for ``cfg``: ``fusion_weights`` and the synthetic anomalies
+    (with the foreground limit of scans) that the ``"synthetic"`` weights are measured on."""
+    return {"weights": cfg.fusion_weights, "anomaly": build_anomaly(cfg),
+            "foreground_threshold": FG_THRESHOLD if cfg.foreground == "on" else None}
+
+
 def train_segmentation_head(cfg: RunConfig, network: MultiAD, train_ds: Dataset, device: torch.device,
                             fraction: float = 0.5, steps: int | None = None) -> float | None:
     """Train ``network``'s segmentation head (when it has one) for ``steps`` iterations (default
@@ -361,7 +368,8 @@ def finish_run(cfg: RunConfig, trainer: MultiADTrainer, val_loader, run_dir: str
                                                                  max(1, trainer.state.iteration))
     head_loss = train_segmentation_head(cfg, network, trainer.data_loader.dataset, device, steps=head_steps)
     bank = fit_memory_bank(network, recalibration.loader, device, seed=cfg.seed)
-    fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization)
+    fusion_stats = fit_fusion(network, val_loader, device, cfg.threshold_quantile, normalization=cfg.map_normalization,
+                              **fusion_weighting(cfg))
     summary = {
         "epochs": trainer.state.epoch,
         "iterations": trainer.state.iteration,

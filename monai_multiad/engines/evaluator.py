@@ -16,9 +16,11 @@ from ignite.metrics import Loss
 from monai.engines import Evaluator
 from monai.engines.utils import default_metric_cmp_fn
 
+from monai_multiad.engines.map_weights import synthetic_map_weights
 from monai_multiad.errors import MultiADInputError
 from monai_multiad.losses import DistillationLoss
 from monai_multiad.networks import MultiAD
+from monai_multiad.transforms.anomaly import SyntheticAnomaly
 
 __all__ = ["DistillationEvaluator", "MultiADEvaluator", "distillation_loss_metric", "fit_fusion"]
 
@@ -114,6 +116,9 @@ def fit_fusion(
     normalization: str = "mean",
     quantiles: tuple[float, float] = (0.9, 0.995),
     max_pixels: int = 4_000_000,
+    weights: str = "equal",
+    anomaly: SyntheticAnomaly | None = None,
+    foreground_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Fit the fusion statistics on normal images (no anomaly labels needed).
 
@@ -122,12 +127,17 @@ def fit_fusion(
     over the same pixels its scale, so each stage counts in normal standard deviations above its
     normal level. ``"quantile"``: the stage's ``quantiles[0]`` over normal pixels becomes its
     offset and the distance to ``quantiles[1]`` its scale (EfficientAD), from a regular subsample
-    of at most ``max_pixels`` pixels per stage. Then the image scores of the same normals give the
+    of at most ``max_pixels`` pixels per stage. ``weights="synthetic"`` then weighs the maps by how
+    well each separates the same normals corrupted by ``anomaly`` from their clean originals
+    (:func:`~monai_multiad.engines.map_weights.synthetic_map_weights`; summed fusion only), by dividing
+    each map's scale: the model keeps its shape. Then the image scores of the same normals give the
     threshold (their ``threshold_quantile``), above which :func:`predict` calls an image anomalous.
     Returns the statistics as a dict.
     """
     if normalization not in ("mean", "zscore", "quantile"):
         raise ValueError(f"normalization must be 'mean', 'zscore' or 'quantile', got {normalization!r}")
+    if weights not in ("equal", "synthetic"):
+        raise ValueError(f"weights must be 'equal' or 'synthetic', got {weights!r}")
     device = torch.device(device)
     network = network.to(device).eval()
     sums, squares, count = None, None, 0
@@ -159,6 +169,13 @@ def fit_fusion(
     else:
         scale = (sums / count).float()
     network.fusion.set_statistics(scale, threshold=0.0, stage_offset=offset)
+    k = len(scale)
+    map_weights, separation = torch.full((k,), 1.0 / k), []
+    if weights == "synthetic" and network.fusion.fuse and network.fusion.mode == "sum":
+        map_weights, separation = synthetic_map_weights(
+            network, batches, anomaly if anomaly is not None else SyntheticAnomaly(), device, foreground_threshold)
+        scale = scale / (k * map_weights)
+        network.fusion.set_statistics(scale, threshold=0.0, stage_offset=offset)
     scores = torch.cat([network(images.to(device))[1].cpu() for images in batches])
     threshold = float(np.quantile(scores.numpy(), threshold_quantile))
     network.fusion.set_statistics(scale, threshold=threshold, stage_offset=offset)
@@ -166,6 +183,8 @@ def fit_fusion(
         "normalization": normalization,
         "stage_scale": [float(m) for m in scale],
         "stage_offset": [float(m) for m in offset] if offset is not None else [0.0] * len(scale),
+        "map_weights": [round(float(w), 4) for w in map_weights],
+        "map_separation": [round(a, 4) for a in separation],
         "threshold": threshold,
         "threshold_quantile": threshold_quantile,
         "normal_score_mean": float(scores.mean()),
