@@ -3,8 +3,10 @@
 
 The teacher never trains and, without random flips, sees each training image unchanged in every
 epoch (a denoising student's anomalies go to the student's input only), so its features of an image
-are the same each time. From the second epoch on, a training step then runs the student alone: on a
-CPU the teacher's forward pass is about a fifth of a step at 256 px.
+are the same each time. The trainer fills the cache once when a run starts, in the data set's order,
+and a training step then runs the student alone: on a CPU the teacher's forward pass is about a fifth
+of a step at 256 px. Filled in a fixed order, the cache holds the same numbers in a run and in its
+resumption, so a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations

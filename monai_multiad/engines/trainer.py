@@ -76,8 +76,10 @@ class MultiADTrainer(Trainer):
         anomaly: the :class:`~monai_multiad.transforms.anomaly.SyntheticAnomaly` that corrupts them.
         anomaly_foreground: keep the anomalies where the image is brighter than this (scans); ``None`` = anywhere.
         teacher_cache: a :class:`~monai_multiad.engines.teacher_cache.TeacherFeatureCache` that keeps the
-            teacher's features of each training image (named by the batch's ``"path"``) for the later epochs;
-            not used with ``augment_flips`` (the teacher's input changes) or for batches without ``"path"``.
+            teacher's features of each training image (named by the batch's ``"path"``): filled when the run
+            starts, in the data set's order (so a resumed run reads the same features as the uninterrupted
+            one), and read in every epoch; not used with ``augment_flips`` (the teacher's input changes) or
+            for batches without ``"path"``.
         other arguments: as ``monai.engines.Trainer``.
 
     The engine's output per iteration is a dict of floats: ``loss`` (the student's total),
@@ -152,6 +154,27 @@ class MultiADTrainer(Trainer):
         self.seed = seed
         if seed is not None:
             self.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
+        if self.teacher_cache is not None:
+            self.add_event_handler(Events.STARTED, self._fill_teacher_cache)
+
+    def _fill_teacher_cache(self, engine: MultiADTrainer) -> None:
+        # the data set in its own order and the loader's batch size, the same in a run and in its resumption
+        dataset = getattr(engine.data_loader, "dataset", None)
+        if dataset is None or len(engine.teacher_cache):
+            return
+        loader = torch.utils.data.DataLoader(dataset, batch_size=getattr(engine.data_loader, "batch_size", None) or 16,
+                                             shuffle=False, num_workers=0)
+        net = engine.network
+        net.train()
+        for batchdata in loader:
+            if not isinstance(batchdata, dict) or "path" not in batchdata:
+                return
+            images, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+            held = len(engine.teacher_cache)
+            with engine._autocast():
+                engine.teacher_cache.features(batchdata["path"], images, net.teacher_features)
+            if len(engine.teacher_cache) == held:  # the budget is spent: the rest are computed as they come
+                return
 
     def _seed_epoch(self, engine: MultiADTrainer) -> None:
         # the batches' order: a sampler with set_epoch (EpochShuffleSampler; MONAI sets a
