@@ -183,7 +183,7 @@ def test_industrial_train_evaluate_inference(industrial):
     evaluated = _scores_csv(evaluated_dir / "scores.csv")
     assert evaluated.keys() == reference["scores"].keys()
     for path, score in evaluated.items():
-        assert score == pytest.approx(reference["scores"][path], rel=1e-6, abs=1e-9), path
+        assert score == pytest.approx(reference["scores"][path], rel=1e-5, abs=1e-9), path  # float32, another process
     assert "image_auroc" in proc.stdout and (evaluated_dir / "contact_sheet.png").is_file()
 
     # and predict.json's (default bundle_root/eval/predictions)

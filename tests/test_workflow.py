@@ -91,7 +91,7 @@ def test_evaluate_metrics_match_sklearn(trained_run, tmp_path):
     assert_evaluation_matches(metrics, reference)
     assert {r["path"]: int(r["label"]) for r in rows} == reference["labels"]
     for r in rows:
-        assert float(r["score"]) == pytest.approx(reference["scores"][r["path"]], rel=1e-6, abs=1e-9), r["path"]
+        assert float(r["score"]) == pytest.approx(reference["scores"][r["path"]], rel=1e-5, abs=1e-9), r["path"]
     assert 0.0 < metrics["pixel_auroc"] < 1.0 and 0.0 < metrics["aupro"] < 1.0  # not a degenerate case
     assert (out / "contact_sheet.png").stat().st_size > 0
 
