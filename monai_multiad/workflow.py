@@ -193,7 +193,7 @@ def build_trainer(cfg: RunConfig, network: MultiAD, loader, device: torch.device
         d_update_every=cfg.d_update_every,
         denoise_fraction=cfg.denoise_fraction,
         anomaly=build_anomaly(cfg),
-        anomaly_foreground=FG_THRESHOLD if cfg.foreground == "on" else None,
+        anomaly_foreground=anomaly_foreground(cfg),
         teacher_cache=TeacherFeatureCache(cfg.teacher_cache_mb << 20) if cfg.teacher_cache_mb > 0 else None,
         train_handlers=handlers,
     )
@@ -317,8 +317,13 @@ def build_anomaly(cfg: RunConfig) -> SyntheticAnomaly:
 def fusion_weighting(cfg: RunConfig) -> dict:
     """:func:`fit_fusion`'s weighting arguments for ``cfg``: ``fusion_weights`` and the synthetic anomalies
     (with the foreground limit of scans) that the ``"synthetic"`` weights are measured on."""
-    return {"weights": cfg.fusion_weights, "anomaly": build_anomaly(cfg),
-            "foreground_threshold": FG_THRESHOLD if cfg.foreground == "on" else None}
+    return {"weights": cfg.fusion_weights, "anomaly": build_anomaly(cfg), "foreground_threshold": anomaly_foreground(cfg)}
+
+
+def anomaly_foreground(cfg: RunConfig) -> float | None:
+    """Where the synthetic anomalies of ``cfg`` may go: above the foreground threshold with the foreground
+    mask on (scans), anywhere otherwise (``None``)."""
+    return FG_THRESHOLD if cfg.foreground == "on" else None
 
 
 def train_segmentation_head(cfg: RunConfig, network: MultiAD, train_ds: Dataset, device: torch.device,
@@ -335,8 +340,7 @@ def train_segmentation_head(cfg: RunConfig, network: MultiAD, train_ds: Dataset,
                         generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(train_ds) > cfg.batch_size)
     optimizer = torch.optim.Adam(network.segmentation_head.parameters(), lr=1e-3)
     trainer = SegmentationHeadTrainer(device, steps, loader, network, optimizer,
-                                      build_anomaly(cfg), fraction,
-                                      FG_THRESHOLD if cfg.foreground == "on" else None)
+                                      build_anomaly(cfg), fraction, anomaly_foreground(cfg))
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["segmentation"]))
     trainer.run()

@@ -141,10 +141,11 @@ def fit_fusion(
     device = torch.device(device)
     network = network.to(device).eval()
     sums, squares, count = None, None, 0
-    batches, samples = [], []
+    batches, samples, maxima = [], [], []
     for batchdata in normal_loader:
         images = prepare_batch(batchdata, device)["image"]
         maps = network.stage_maps(images).double()
+        maxima.append(maps.amax(dim=(2, 3), keepdim=True).float().cpu())  # for the synthetic weights
         s = maps.sum(dim=(0, 2, 3))
         sums = s if sums is None else sums + s
         q = maps.pow(2).sum(dim=(0, 2, 3))
@@ -173,7 +174,8 @@ def fit_fusion(
     map_weights, separation = torch.full((k,), 1.0 / k), []
     if weights == "synthetic" and network.fusion.fuse and network.fusion.mode == "sum":
         map_weights, separation = synthetic_map_weights(
-            network, batches, anomaly if anomaly is not None else SyntheticAnomaly(), device, foreground_threshold)
+            network, batches, anomaly if anomaly is not None else SyntheticAnomaly(), device, foreground_threshold,
+            clean_maxima=torch.cat(maxima))
         scale = scale / (k * map_weights)
         network.fusion.set_statistics(scale, threshold=0.0, stage_offset=offset)
     scores = torch.cat([network(images.to(device))[1].cpu() for images in batches])

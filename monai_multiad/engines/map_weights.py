@@ -41,31 +41,39 @@ def weights_from_separation(aurocs: Sequence[float], fixed: int | None = None) -
     return out.float()
 
 
-def _normalised(network: MultiAD, images: torch.Tensor) -> torch.Tensor:
-    """The maps (B, K, H, W) of ``images`` in the fusion's unit (offset and scale fitted, clipped at 0)."""
-    fusion = network.fusion
-    maps = network.stage_maps(images).float()
-    return ((maps - fusion.offset.view(1, -1, 1, 1)) / fusion.scale.view(1, -1, 1, 1)).clamp_min(0)
+def _maxima(network: MultiAD, images: torch.Tensor) -> torch.Tensor:
+    """Each map's maximum over each image (B, K, 1, 1), in the map's own unit."""
+    return network.stage_maps(images).float().amax(dim=(2, 3), keepdim=True)
 
 
 @torch.no_grad()
 def synthetic_map_weights(network: MultiAD, batches: Sequence[torch.Tensor], anomaly: SyntheticAnomaly,
-                          device: torch.device, foreground_threshold: float | None = None) -> tuple[torch.Tensor, list]:
+                          device: torch.device, foreground_threshold: float | None = None,
+                          clean_maxima: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
     """Weights (K,) of ``network``'s maps from how well each one's maximum separates ``batches`` (held-out
     normal images, (B, C, H, W) in [0, 1], on the CPU) corrupted by ``anomaly`` from the same images clean;
-    the fusion's statistics must be set. Returns the weights and the per-map AUROCs (equal weights and an
-    empty list when fewer than :data:`MIN_IMAGES` images received an anomaly)."""
+    the fusion's statistics must be set. ``clean_maxima``: each map's maximum over each clean image (N, K, 1, 1),
+    when the caller has them already (the fusion's fit does). Returns the weights and the per-map AUROCs
+    (equal weights and an empty list when fewer than :data:`MIN_IMAGES` images received an anomaly)."""
     k = network.fusion.scale.numel()
     clean, corrupted = [], []
     for images in batches:
         bad, masks = corrupt_batch(images, anomaly, 1.0, foreground_threshold)
         has = masks.flatten(1).any(dim=1)
-        clean.append(_normalised(network, images.to(device)).flatten(2).amax(dim=2).cpu())
+        if clean_maxima is None:
+            clean.append(_maxima(network, images.to(device)).cpu())
         if bool(has.any()):
-            corrupted.append(_normalised(network, bad[has].to(device)).flatten(2).amax(dim=2).cpu())
+            corrupted.append(_maxima(network, bad[has].to(device)).cpu())
     if sum(c.shape[0] for c in corrupted) < MIN_IMAGES:
         return torch.full((k,), 1.0 / k), []
-    clean_max, bad_max = torch.cat(clean), torch.cat(corrupted)
+    # a map's unit is increasing in the map, so the maximum in it is the unit of the maximum
+    fusion = network.fusion
+
+    def units(maxima: torch.Tensor) -> torch.Tensor:
+        return fusion.units(maxima.to(fusion.scale)).flatten(1).cpu()
+
+    clean_max = units(torch.cat(clean) if clean_maxima is None else clean_maxima)
+    bad_max = units(torch.cat(corrupted))
     labels = torch.cat([torch.zeros(clean_max.shape[0]), torch.ones(bad_max.shape[0])])
     aurocs = [float(compute_roc_auc(torch.cat([clean_max[:, i], bad_max[:, i]]), labels)) for i in range(k)]
     head = k - 1 if network.segmentation_head is not None else None

@@ -38,9 +38,6 @@ class TeacherFeatureCache:
     def __len__(self) -> int:
         return len(self._store)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._store
-
     def features(self, keys: Sequence[str], images: torch.Tensor,
                  compute: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
         """The stage features ``[(B, C_k, h_k, w_k)]`` of ``images`` (B, ...) named ``keys``: the held ones,

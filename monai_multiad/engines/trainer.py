@@ -165,7 +165,6 @@ class MultiADTrainer(Trainer):
         loader = torch.utils.data.DataLoader(dataset, batch_size=getattr(engine.data_loader, "batch_size", None) or 16,
                                              shuffle=False, num_workers=0)
         net = engine.network
-        net.train()
         for batchdata in loader:
             if not isinstance(batchdata, dict) or "path" not in batchdata:
                 return

@@ -220,10 +220,14 @@ class AnomalyMapFusion(nn.Module):
         self.offset.copy_(torch.zeros_like(self.offset) if stage_offset is None else stage_offset.to(self.offset))
         self.threshold.fill_(float(threshold))
 
+    def units(self, stage_maps: torch.Tensor) -> torch.Tensor:
+        """Maps (B, K, ...) in the fusion's unit: ``(M_k - offset_k) / scale_k``, clipped at 0."""
+        z = (stage_maps - self.offset.view(1, -1, 1, 1)) / self.scale.view(1, -1, 1, 1)
+        return z.clamp_min(0.0)  # the paper's ReLU: below the normal offset is normal, whatever how far
+
     def fuse_maps(self, stage_maps: torch.Tensor) -> torch.Tensor:
         """Scaled, combined and smoothed map (B, 1, H, W), before any mask."""
-        z = (stage_maps - self.offset.view(1, -1, 1, 1)) / self.scale.view(1, -1, 1, 1)
-        z = z.clamp_min(0.0)  # the paper's ReLU: below the normal offset is normal, whatever how far
+        z = self.units(stage_maps)
         if not self.fuse:
             return self.smooth(z[:, -1:])
         z = z.index_select(1, self.index)
